@@ -1,0 +1,1 @@
+"""Data pipelines for facediff: encoder export to shards, grain loaders, tfds builders."""
