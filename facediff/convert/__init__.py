@@ -1,0 +1,1 @@
+"""Weight import / export between PyTorch checkpoints (diffusers, CompVis) and facediff."""

@@ -1,0 +1,449 @@
+"""Shared Flax Linen building blocks for the latent-diffusion models (UNet, VAE, CLIP).
+
+Layout: images are NHWC everywhere inside facediff; sequences are (B, L, C).
+
+Numerics follow diffusers (UNet / VAE building blocks) so that weights converted
+from diffusers' PyTorch state dicts give the same outputs (see facediff/convert/).
+Parameter names follow diffusers' module names where a converter needs them
+(``to_q``, ``to_out_0``, ``norm1``, ``conv_shortcut``, ...; list items are named
+``<list>_<index>``, e.g. ``resnets_0``).
+
+Dtypes: every module takes ``dtype`` (the compute dtype, float32 or bfloat16) and
+``param_dtype`` (always float32 by default). Normalisation statistics are computed
+in float32 whatever the compute dtype.
+
+Logical axis names (the vocabulary ``facediff.partitioning.LOGICAL_RULES`` maps to
+mesh axes). Every parameter carries one name per dimension:
+
+==============  =====================================================================
+``conv_h``      convolution kernel height
+``conv_w``      convolution kernel width
+``conv_in``     convolution input channels
+``conv_out``    convolution output channels (also conv bias)
+``embed``       model width of a dense layer's input or output (token / channel dim)
+``mlp``         hidden width of a feed-forward / time-embedding MLP
+``heads``       fused attention projection width (num_heads * head_dim)
+``cross_embed`` width of the cross-attention context (e.g. CLIP's 768)
+``norm``        GroupNorm / LayerNorm scale and bias
+``vocab``       token-embedding rows (for text encoders)
+==============  =====================================================================
+
+Activations are annotated with ``activation_batch``, ``activation_length``,
+``activation_height``, ``activation_width`` and ``activation_embed`` where a
+sharding constraint helps (only inside ``jax.jit`` with a mesh and rules set).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+CONV_AXES = ("conv_h", "conv_w", "conv_in", "conv_out")
+
+
+def _init(fn: Callable, axes: Sequence[str | None]) -> Callable:
+  return nn.with_logical_partitioning(fn, tuple(axes))
+
+
+# torch's default init for Conv2d/Linear is kaiming_uniform(a=sqrt(5)), i.e.
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both weight and bias. Matching its scale keeps
+# freshly initialised facediff models statistically like freshly initialised diffusers ones.
+def torch_default_kernel_init() -> Callable:
+  return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def Conv(
+    features: int,
+    kernel_size: int = 3,
+    strides: int = 1,
+    padding: int | tuple[tuple[int, int], tuple[int, int]] = 1,
+    *,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    kernel_init: Callable | None = None,
+    bias_init: Callable | None = None,
+    name: str | None = None,
+) -> nn.Conv:
+  """2-D convolution, NHWC; params ``kernel`` (kh, kw, in, out) with logical axes
+  CONV_AXES and ``bias`` ('conv_out',).
+
+  ``padding`` is the symmetric padding per side (torch ``padding=``), or an explicit
+  ((top, bottom), (left, right)) pair.
+  """
+  if isinstance(padding, int):
+    padding = ((padding, padding), (padding, padding))
+  return nn.Conv(
+      features,
+      (kernel_size, kernel_size),
+      strides=(strides, strides),
+      padding=padding,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=_init(kernel_init or torch_default_kernel_init(), CONV_AXES),
+      bias_init=_init(bias_init or nn.initializers.zeros_init(), ("conv_out",)),
+      name=name,
+  )
+
+
+def Dense(
+    features: int,
+    axes: tuple[str | None, str | None] = ("embed", "mlp"),
+    *,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    kernel_init: Callable | None = None,
+    bias_init: Callable | None = None,
+    name: str | None = None,
+) -> nn.Dense:
+  """Linear layer; ``kernel`` (in, out) carries logical ``axes`` = (in_axis, out_axis),
+  ``bias`` carries (out_axis,)."""
+  return nn.Dense(
+      features,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=_init(kernel_init or torch_default_kernel_init(), axes),
+      bias_init=_init(bias_init or nn.initializers.zeros_init(), (axes[1],)),
+      name=name,
+  )
+
+
+def GroupNorm(
+    num_groups: int = 32,
+    epsilon: float = 1e-5,
+    *,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> nn.GroupNorm:
+  """GroupNorm over the last (channel) axis, statistics in float32, two-pass variance
+  (torch.nn.GroupNorm). Params ``scale``/``bias`` with logical axis ('norm',)."""
+  return nn.GroupNorm(
+      num_groups=num_groups,
+      epsilon=epsilon,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      use_fast_variance=False,
+      scale_init=_init(nn.initializers.ones_init(), ("norm",)),
+      bias_init=_init(nn.initializers.zeros_init(), ("norm",)),
+      name=name,
+  )
+
+
+def LayerNorm(
+    epsilon: float = 1e-5,
+    *,
+    use_bias: bool = True,
+    use_scale: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> nn.LayerNorm:
+  """LayerNorm over the last axis, statistics in float32, two-pass variance
+  (torch.nn.LayerNorm). Params ``scale``/``bias`` with logical axis ('norm',)."""
+  return nn.LayerNorm(
+      epsilon=epsilon,
+      use_bias=use_bias,
+      use_scale=use_scale,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      use_fast_variance=False,
+      scale_init=_init(nn.initializers.ones_init(), ("norm",)),
+      bias_init=_init(nn.initializers.zeros_init(), ("norm",)),
+      name=name,
+  )
+
+
+def timestep_embedding(
+    timesteps: jax.Array,
+    dim: int,
+    flip_sin_to_cos: bool = False,
+    downscale_freq_shift: float = 1.0,
+    scale: float = 1.0,
+    max_period: float = 10000.0,
+) -> jax.Array:
+  """Sinusoidal timestep embedding (DDPM / diffusers ``get_timestep_embedding``).
+
+  freq_i = exp(-ln(max_period) * i / (dim/2 - downscale_freq_shift)), i < dim/2;
+  emb = [sin(scale * t * freq), cos(scale * t * freq)], or [cos, sin] when
+  ``flip_sin_to_cos``; zero-padded by one column when ``dim`` is odd. Float32.
+  """
+  timesteps = jnp.asarray(timesteps)
+  if timesteps.ndim != 1:
+    raise ValueError(f"timesteps must be 1-D (batch,), got shape {timesteps.shape}")
+  half = dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
+  freqs = jnp.exp(exponent / (half - downscale_freq_shift))
+  args = scale * timesteps.astype(jnp.float32)[:, None] * freqs[None, :]
+  sin, cos = jnp.sin(args), jnp.cos(args)
+  emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+  if dim % 2 == 1:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class TimestepEmbedding(nn.Module):
+  """diffusers ``TimestepEmbedding``: linear_1 -> SiLU -> linear_2."""
+
+  time_embed_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, t_emb: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = Dense(self.time_embed_dim, ("embed", "mlp"), name="linear_1", **kw)(t_emb)
+    h = nn.silu(h)
+    return Dense(self.time_embed_dim, ("mlp", "embed"), name="linear_2", **kw)(h)
+
+
+class ResnetBlock2D(nn.Module):
+  """diffusers ``ResnetBlock2D`` (time_embedding_norm="default", output_scale_factor).
+
+  h = conv1(silu(norm1(x))); h += time_emb_proj(silu(temb)) if temb is given;
+  h = conv2(dropout(silu(norm2(h)))); out = (shortcut(x) + h) / output_scale_factor.
+  The shortcut is a 1x1 ``conv_shortcut`` when channels change (or ``use_conv_shortcut``
+  is True: then a 3x3 conv, as diffusers' ``conv_shortcut=True``), else identity.
+  ``use_time_emb=False`` (the VAE) omits ``time_emb_proj`` entirely.
+  """
+
+  out_channels: int
+  use_time_emb: bool = True
+  groups: int = 32
+  groups_out: int | None = None
+  eps: float = 1e-5
+  dropout: float = 0.0
+  use_conv_shortcut: bool = False
+  output_scale_factor: float = 1.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self, x: jax.Array, temb: jax.Array | None = None, *, deterministic: bool = True
+  ) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    in_channels = x.shape[-1]
+    h = GroupNorm(self.groups, self.eps, name="norm1", **kw)(x)
+    h = nn.silu(h)
+    h = Conv(self.out_channels, 3, padding=1, name="conv1", **kw)(h)
+    if self.use_time_emb:
+      if temb is None:
+        raise ValueError("ResnetBlock2D(use_time_emb=True) needs a time embedding")
+      t = Dense(self.out_channels, ("mlp", "embed"), name="time_emb_proj", **kw)(
+          nn.silu(temb)
+      )
+      h = h + t[:, None, None, :]
+    h = GroupNorm(self.groups_out or self.groups, self.eps, name="norm2", **kw)(h)
+    h = nn.silu(h)
+    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    h = Conv(self.out_channels, 3, padding=1, name="conv2", **kw)(h)
+    if self.use_conv_shortcut:
+      x = Conv(self.out_channels, 3, padding=1, name="conv_shortcut", **kw)(x)
+    elif in_channels != self.out_channels:
+      x = Conv(self.out_channels, 1, padding=0, name="conv_shortcut", **kw)(x)
+    out = x.astype(h.dtype) + h
+    if self.output_scale_factor != 1.0:
+      out = out / self.output_scale_factor
+    return out
+
+
+class Downsample2D(nn.Module):
+  """diffusers ``Downsample2D`` with a conv: 3x3 stride-2 conv named ``conv``.
+
+  ``padding=1`` (UNet) pads one pixel per side; ``padding=0`` (VAE encoder) pads
+  (0, 1) on the bottom/right first, as diffusers does.
+  """
+
+  out_channels: int
+  padding: int = 1
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.padding not in (0, 1):
+      raise ValueError(f"Downsample2D padding must be 0 or 1, got {self.padding}")
+    pad = ((1, 1), (1, 1)) if self.padding == 1 else ((0, 1), (0, 1))
+    return Conv(
+        self.out_channels, 3, strides=2, padding=pad, name="conv",
+        dtype=self.dtype, param_dtype=self.param_dtype,
+    )(x)
+
+
+def upsample_nearest(x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
+  """Nearest-neighbour upsampling (torch ``F.interpolate(mode="nearest")``), NHWC.
+
+  With ``size=None`` doubles H and W; otherwise source index = floor(dst * in / out).
+  """
+  _, h, w, _ = x.shape
+  if size is None or tuple(size) == (2 * h, 2 * w):
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  oh, ow = size
+  iy = jnp.floor(jnp.arange(oh) * (h / oh)).astype(jnp.int32)
+  ix = jnp.floor(jnp.arange(ow) * (w / ow)).astype(jnp.int32)
+  return x[:, iy][:, :, ix]
+
+
+class Upsample2D(nn.Module):
+  """diffusers ``Upsample2D`` (interpolate + conv): nearest x2 (or to ``size``), 3x3 ``conv``."""
+
+  out_channels: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
+    x = upsample_nearest(x, size)
+    return Conv(
+        self.out_channels, 3, padding=1, name="conv",
+        dtype=self.dtype, param_dtype=self.param_dtype,
+    )(x)
+
+
+def multi_head_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    heads: int,
+    *,
+    mask: jax.Array | None = None,
+    causal: bool = False,
+) -> jax.Array:
+  """softmax(Q K^T / sqrt(d)) V per head, on fused (B, L, heads*d) projections.
+
+  Splits heads, calls ``jax.nn.dot_product_attention`` and merges heads back.
+  ``mask``: boolean, broadcastable to (B, heads, Lq, Lk), True = attend.
+  """
+  b, lq, inner = q.shape
+  lk = k.shape[1]
+  d = inner // heads
+  if d * heads != inner:
+    raise ValueError(f"attention width {inner} is not divisible by heads={heads}")
+  k, v = k.astype(q.dtype), v.astype(q.dtype)
+  out = jax.nn.dot_product_attention(
+      q.reshape(b, lq, heads, d),
+      k.reshape(b, lk, heads, d),
+      v.reshape(b, lk, heads, d),
+      mask=mask,
+      is_causal=causal,
+      scale=1.0 / math.sqrt(d),
+  )
+  return out.reshape(b, lq, inner)
+
+
+class Attention(nn.Module):
+  """Multi-head attention (self or cross), diffusers ``Attention`` / CLIP-style.
+
+  Projections ``to_q``, ``to_k``, ``to_v`` (bias optional: off in the UNet, on in the
+  VAE and CLIP) and ``to_out_0`` (bias on by default). Query width = x's last dim;
+  key/value come from ``context`` (cross-attention) or from x. Scale 1/sqrt(head_dim).
+  ``mask``: boolean, broadcastable to (B, heads, Lq, Lk), True = attend.
+  ``causal``: causal self-attention (CLIP's text encoder).
+  ``out_features`` defaults to the query width. The key/value kernels' input axis is
+  ``cross_embed`` for cross-attention and ``embed`` for self-attention.
+  """
+
+  heads: int
+  head_dim: int
+  out_features: int | None = None
+  qkv_bias: bool = False
+  out_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self,
+      x: jax.Array,
+      context: jax.Array | None = None,
+      *,
+      mask: jax.Array | None = None,
+      causal: bool = False,
+  ) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    inner = self.heads * self.head_dim
+    ctx_axis = "embed" if context is None else "cross_embed"
+    ctx = x if context is None else context
+    q = Dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, name="to_q", **kw)(x)
+    k = Dense(inner, (ctx_axis, "heads"), use_bias=self.qkv_bias, name="to_k", **kw)(ctx)
+    v = Dense(inner, (ctx_axis, "heads"), use_bias=self.qkv_bias, name="to_v", **kw)(ctx)
+    out = multi_head_attention(q, k, v, self.heads, mask=mask, causal=causal)
+    return Dense(
+        self.out_features or x.shape[-1], ("heads", "embed"), use_bias=self.out_bias,
+        name="to_out_0", **kw,
+    )(out)
+
+
+class SpatialSelfAttention(nn.Module):
+  """VAE-style attention over an NHWC feature map (diffusers ``Attention`` with
+  ``norm_num_groups`` and ``residual_connection=True``, as in the VAE mid-block):
+  ``group_norm`` -> self-attention over the H*W tokens (``to_q/to_k/to_v`` with bias)
+  -> ``to_out_0`` -> + x -> / rescale_output_factor. ``heads`` = C // head_dim.
+  """
+
+  heads: int = 1
+  groups: int = 32
+  eps: float = 1e-6
+  rescale_output_factor: float = 1.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    b, h, w, c = x.shape
+    y = GroupNorm(self.groups, self.eps, name="group_norm", **kw)(x).reshape(b, h * w, c)
+    q = Dense(c, ("embed", "heads"), name="to_q", **kw)(y)
+    k = Dense(c, ("embed", "heads"), name="to_k", **kw)(y)
+    v = Dense(c, ("embed", "heads"), name="to_v", **kw)(y)
+    y = multi_head_attention(q, k, v, self.heads)
+    y = Dense(c, ("heads", "embed"), name="to_out_0", **kw)(y).reshape(b, h, w, c)
+    out = y + x.astype(y.dtype)
+    if self.rescale_output_factor != 1.0:
+      out = out / self.rescale_output_factor
+    return out
+
+
+class GEGLU(nn.Module):
+  """diffusers ``GEGLU``: ``proj`` to 2*hidden, split (value, gate), value * gelu(gate).
+
+  gelu is the exact (erf) one, as torch's F.gelu default.
+  """
+
+  hidden: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = Dense(2 * self.hidden, ("embed", "mlp"), name="proj",
+              dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    value, gate = jnp.split(h, 2, axis=-1)
+    return value * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+  """diffusers ``FeedForward`` with GEGLU: ``net_0`` (GEGLU) -> dropout -> ``net_2`` (Linear)."""
+
+  dim: int
+  mult: int = 4
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = GEGLU(self.dim * self.mult, name="net_0", **kw)(x)
+    h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
+    return Dense(self.dim, ("mlp", "embed"), name="net_2", **kw)(h)
