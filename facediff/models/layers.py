@@ -229,7 +229,7 @@ class ResnetBlock2D(nn.Module):
 
   @nn.compact
   def __call__(
-      self, x: jax.Array, temb: jax.Array | None = None, *, deterministic: bool = True
+      self, x: jax.Array, temb: jax.Array | None = None, deterministic: bool = True
   ) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     in_channels = x.shape[-1]
@@ -442,7 +442,7 @@ class FeedForward(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, deterministic: bool = True) -> jax.Array:
+  def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = GEGLU(self.dim * self.mult, name="net_0", **kw)(x)
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
