@@ -193,6 +193,7 @@ class FaceResult:
     detection: Detection | None = None
     landmarks68: np.ndarray | None = None  # (68, 2) float32, original image coords
     crops: dict[str, Crop] = dataclasses.field(default_factory=dict)
+    source: np.ndarray | None = None  # the original RGB image (for encoders' own crops)
 
 
 class FaceAligner:
@@ -226,7 +227,7 @@ class FaceAligner:
         det = dets[0]
         shape = self.predictor.shape(image, det.rect)
         lm = np.array([[p.x, p.y] for p in shape.parts()], np.float32)
-        res = FaceResult(num_faces=1, detection=det, landmarks68=lm)
+        res = FaceResult(num_faces=1, detection=det, landmarks68=lm, source=image)
         for kind in self.kinds:
             res.crops[kind] = self.crop(image, kind, det, lm, shape)
         return res
