@@ -36,13 +36,21 @@ def face_mask(size: int) -> np.ndarray:
     return m
 
 
+def _photo(index: int, size: int) -> np.ndarray:
+    from skimage import data  # a real portrait: PNG size and decode time like a face crop
+    img = cv2.resize(data.astronaut(), (size, size), interpolation=cv2.INTER_AREA)
+    return np.roll(img, index % size, axis=1)
+
+
 def make_example(index: int, size: int, embeddings: Mapping[str, int],
-                 latent_shape: tuple[int, ...] | None, noise: bool = False) -> dict:
-    """One record; ``noise`` gives a random image (realistic PNG size for benchmarks)."""
-    if noise:
-        img = np.random.default_rng(index).integers(0, 256, (size, size, 3), np.uint8)
-    else:
+                 latent_shape: tuple[int, ...] | None, image: str = "flat") -> dict:
+    """One record; ``image`` is "flat" (colour coding the index) or "photo"."""
+    if image == "photo":
+        img = _photo(index, size)
+    elif image == "flat":
         img = np.broadcast_to(image_colour(index), (size, size, 3)).copy()
+    else:
+        raise ValueError(f"image={image!r}: expected 'flat' or 'photo'")
     ok, png = cv2.imencode(".png", img[..., ::-1])  # cv2 writes BGR
     assert ok
     ex = {"image": png.tobytes(), "mask": face_mask(size), "key": f"{index:06d}"}
@@ -57,7 +65,7 @@ def write_dataset(folder: str, num_records: int, *, image_size: int = 16,
                   records_per_shard: int = 16,
                   embeddings: Mapping[str, int] = DEFAULT_EMBEDDINGS,
                   latent_shape: tuple[int, ...] | None = (2, 2, 4),
-                  noise: bool = False) -> records.Manifest:
+                  image: str = "flat") -> records.Manifest:
     """Writes ``num_records`` records into shards of ``folder`` plus its manifest."""
     os.makedirs(folder, exist_ok=True)
     fields = {
@@ -75,7 +83,7 @@ def write_dataset(folder: str, num_records: int, *, image_size: int = 16,
         writer = ArrayRecordWriter(os.path.join(folder, name), "group_size:1")
         for i in range(start, stop):
             writer.write(records.encode_record(
-                make_example(i, image_size, embeddings, latent_shape, noise)))
+                make_example(i, image_size, embeddings, latent_shape, image)))
         writer.close()
         shards.append(records.ShardInfo(name, stop - start))
     manifest = records.Manifest(fields=fields, shards=shards, source="fake",

@@ -151,19 +151,28 @@ def open_source(data_cfg) -> tuple[grain.sources.ArrayRecordDataSource, records.
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode_image(data: bytes, size: int, *, source: str = "<image>") -> np.ndarray:
-    """PNG/JPEG bytes -> (size, size, 3) float32 RGB in [-1, 1]."""
+def decode_image_uint8(data: bytes, size: int, *, source: str = "<image>") -> np.ndarray:
+    """PNG/JPEG bytes -> (size, size, 3) uint8 RGB (area-downscaled / cubic-upscaled)."""
     buf = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray)) else None
     img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf is not None and buf.size else None
     if img is None:
         raise RecordError(f"{source}: not a decodable image")
     img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    img = _resize(img, size, cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_CUBIC)
-    return (img.astype(np.float32) / 127.5 - 1.0).clip(-1.0, 1.0)
+    return _resize(img, size, cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_CUBIC)
+
+
+def to_unit_range(img):
+    """uint8 [0, 255] -> float32 [-1, 1] (numpy or jax arrays): x / 127.5 - 1."""
+    return img.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def decode_image(data: bytes, size: int, *, source: str = "<image>") -> np.ndarray:
+    """PNG/JPEG bytes -> (size, size, 3) float32 RGB in [-1, 1]."""
+    return to_unit_range(decode_image_uint8(data, size, source=source))
 
 
 def decode_mask(value: Any, size: int, *, source: str = "<mask>") -> np.ndarray:
-    """uint8 mask (array or encoded bytes), nonzero = face -> (size, size, 1) {0, 1}."""
+    """uint8 mask (array or encoded bytes), nonzero = face -> (size, size, 1) uint8 {0, 1}."""
     if isinstance(value, (bytes, bytearray)):
         m = cv2.imdecode(np.frombuffer(value, np.uint8), cv2.IMREAD_GRAYSCALE)
         if m is None:
@@ -175,8 +184,32 @@ def decode_mask(value: Any, size: int, *, source: str = "<mask>") -> np.ndarray:
         if m.ndim != 2:
             raise RecordError(f"{source}: mask has shape {m.shape}, expected (H, W)")
     m = (m > 0).astype(np.uint8)
-    m = _resize(m, size, cv2.INTER_NEAREST)
-    return m.astype(np.float32)[..., None]
+    return _resize(m, size, cv2.INTER_NEAREST)[..., None]
+
+
+IMAGE_KEYS = ("bkg_image", "id_image", "exp_image")
+MASK_KEYS = ("bkg_mask",)
+
+
+def to_model_inputs(batch: dict) -> dict:
+    """Host uint8 images -> float32 [-1, 1], uint8 masks -> float32 {0, 1}.
+
+    Works on numpy (no mesh) and, jitted, on global jax.Arrays: with a mesh the
+    host ships uint8 (4x less to copy and transfer) and the device converts.
+    """
+    out = dict(batch)
+    for k in IMAGE_KEYS:
+        if k in out:
+            out[k] = to_unit_range(out[k])
+    for k in MASK_KEYS:
+        if k in out:
+            out[k] = out[k].astype(np.float32)
+    return out
+
+
+class HostToModelInputs(grain.transforms.Map):
+    def map(self, batch):
+        return to_model_inputs(batch)
 
 
 def _resize(img: np.ndarray, size: int, interp: int) -> np.ndarray:
@@ -231,7 +264,7 @@ class _Reader:
     def background(self, rec, index) -> dict[str, np.ndarray]:
         w = self.where(index)
         out = {
-            "bkg_image": decode_image(_field(rec, self.image_field, w), self.size,
+            "bkg_image": decode_image_uint8(_field(rec, self.image_field, w), self.size,
                                       source=f"{w} field {self.image_field!r}"),
             "bkg_mask": decode_mask(_field(rec, self.mask_field, w), self.size,
                                     source=f"{w} field {self.mask_field!r}"),
@@ -249,7 +282,7 @@ class _Reader:
 
     def image(self, rec, index) -> np.ndarray:
         w = self.where(index)
-        return decode_image(_field(rec, self.image_field, w), self.size,
+        return decode_image_uint8(_field(rec, self.image_field, w), self.size,
                             source=f"{w} field {self.image_field!r}")
 
 
@@ -363,13 +396,14 @@ class PlaceOnMesh(grain.transforms.Map):
     def __init__(self, mesh: Mesh, global_batch_size: int):
         self.sharding = batch_sharding(mesh)
         self.global_batch_size = int(global_batch_size)
+        self.convert = jax.jit(to_model_inputs, out_shardings=self.sharding)
 
     def map(self, batch):
         def put(x):
             x = np.asarray(x)
             return jax.make_array_from_process_local_data(
                 self.sharding, x, (self.global_batch_size,) + x.shape[1:])
-        return jax.tree.map(put, batch)
+        return self.convert(jax.tree.map(put, batch))
 
 
 # ----------------------------------------------------------------------------- pipelines
@@ -401,6 +435,9 @@ def make_train_dataset(config, *, process_index: int | None = None,
                        process_count: int | None = None) -> grain.IterDataset:
     """Per-host training stream of numpy batches (self-reconstruction triplets).
 
+    Images and masks stay uint8 here (``to_model_inputs`` converts them, on the
+    devices when ``make_train_iterator`` is given a mesh).
+
     The records are first split evenly over the hosts (host k takes records k, k+P,
     ... of the first P * floor(N / P)), then each host shuffles its share with
     ``data.seed`` (reshuffled every epoch), repeats ``data.num_epochs`` times (None:
@@ -428,7 +465,9 @@ def make_train_iterator(config, mesh: Mesh | None = None, *,
                         process_count: int | None = None) -> grain.DatasetIterator:
     """Checkpointable iterator of training batches; global jax.Arrays if ``mesh``."""
     ds = make_train_dataset(config, process_index=process_index, process_count=process_count)
-    if mesh is not None:
+    if mesh is None:
+        ds = ds.map(HostToModelInputs())
+    else:
         ds = ds.map(PlaceOnMesh(mesh, int(config.data.global_batch_size)))
     return iter(ds)
 
@@ -436,6 +475,8 @@ def make_train_iterator(config, mesh: Mesh | None = None, *,
 def make_eval_dataset(config, task: str, seed: int, *, process_index: int | None = None,
                       process_count: int | None = None) -> grain.IterDataset:
     """One pass of per-host numpy batches of ``task`` triplets (see ``triplet_table``).
+
+    Images and masks stay uint8, as in ``make_train_dataset``.
 
     The table (``data.num_eval`` rows, default one per record) is padded with copies
     of its first row (``valid = False``) to a whole number of global batches, so every
@@ -463,7 +504,9 @@ def make_eval_triplets(config, task: str, seed: int, mesh: Mesh | None = None, *
     """Iterator over one pass of evaluation batches; global jax.Arrays if ``mesh``."""
     ds = make_eval_dataset(config, task, seed, process_index=process_index,
                            process_count=process_count)
-    if mesh is not None:
+    if mesh is None:
+        ds = ds.map(HostToModelInputs())
+    else:
         ds = ds.map(PlaceOnMesh(mesh, int(config.data.global_batch_size)))
     return iter(ds)
 

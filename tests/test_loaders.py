@@ -165,10 +165,24 @@ def test_global_array_on_mesh(dataset):
     (host,) = take(loaders.make_train_iterator(make_config(dataset)), 1)
     g = next(loaders.make_train_iterator(make_config(dataset), mesh))
     assert g["bkg_image"].shape == (8, 8, 8, 3)
-    assert g["bkg_image"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+    want = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    for leaf in jax.tree.leaves(g):
+        assert leaf.sharding.is_equivalent_to(want, leaf.ndim)
     shard_rows = {s.device: s.index[0] for s in g["id"]["id_dlib"].addressable_shards}
     assert len(set((r.start, r.stop) for r in shard_rows.values())) == 8  # 1 row per device
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), g, host)
+    # images/masks are converted to float on the devices: same values up to rounding
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=1e-6),
+                 g, host)
+    assert g["bkg_image"].dtype == np.float32 and g["bkg_mask"].dtype == np.float32
+
+
+def test_host_stream_is_uint8_and_converts_exactly(dataset):
+    raw = next(iter(loaders.make_train_dataset(make_config(dataset))))
+    assert raw["bkg_image"].dtype == np.uint8 and raw["bkg_mask"].dtype == np.uint8
+    (conv,) = take(loaders.make_train_iterator(make_config(dataset)), 1)
+    np.testing.assert_array_equal(conv["bkg_image"],
+                                  raw["bkg_image"].astype(np.float32) / 127.5 - 1)
+    np.testing.assert_array_equal(conv["bkg_mask"], raw["bkg_mask"])
 
 
 # ----------------------------------------------------------------------------- resume
