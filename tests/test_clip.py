@@ -1,7 +1,6 @@
 """CLIP text encoder: parity with transformers' CLIPTextModel (torch, float32)."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +13,8 @@ transformers = pytest.importorskip("transformers")
 from facediff.convert import clip as clip_convert  # noqa: E402
 from facediff.convert import common  # noqa: E402
 from facediff.models import clip as clip_lib  # noqa: E402
+
+from _tiny_sd import write_tiny_tokenizer  # noqa: E402
 
 # Two configurations: SD-1.x-like legacy pooling (eos_token_id=2, argmax of the ids)
 # with quick_gelu, and the newer eos-id pooling with exact gelu and odd widths.
@@ -121,42 +122,8 @@ def test_clip_bad_state_dict_lists_keys():
     assert "layers_0/extra/scale" in msg
 
 
-def write_tiny_tokenizer(path, words=("a", "photo", "of", "cat", "dog", "face", "smiling")):
-    """A tiny byte-level BPE vocabulary in CLIP's format (vocab.json + merges.txt).
-
-    Every printable byte character and its end-of-word form are tokens, plus a few
-    whole words built by explicit merges, plus the two special tokens.
-    """
-    os.makedirs(path, exist_ok=True)
-    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    merges = []
-    for w in words:
-        # merge left to right: ((w0 w1) w2) ... with the last char carrying </w>
-        cur = w[0]
-        for i, c in enumerate(w[1:], start=1):
-            nxt = c + "</w>" if i == len(w) - 1 else c
-            merges.append(f"{cur} {nxt}")
-            cur = cur + nxt
-            vocab.setdefault(cur, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    with open(os.path.join(path, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(path, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    tok = transformers.CLIPTokenizer(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"),
-                                     pad_token="<|endoftext|>", model_max_length=77)
-    tok.save_pretrained(path)
-    return vocab
-
-
 def test_tokenizer_pads_and_truncates(tmp_path):
-    vocab = write_tiny_tokenizer(tmp_path / "tok")
+    vocab, _ = write_tiny_tokenizer(tmp_path / "tok")
     tok = clip_lib.CLIPTokenizer(tmp_path / "tok")
     ids = tok(["a photo of a cat", "dog " * 100, ""])
     assert ids.shape == (3, 77) and ids.dtype == np.int32

@@ -223,9 +223,10 @@ class CLIPTokenizer:
         path = os.fspath(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"tokenizer folder {path!r} does not exist")
-        for f in ("vocab.json", "merges.txt"):
-            if not os.path.isfile(os.path.join(path, f)):
-                raise FileNotFoundError(f"tokenizer folder {path!r} lacks {f}")
+        has = lambda f: os.path.isfile(os.path.join(path, f))  # noqa: E731
+        if not (has("tokenizer.json") or (has("vocab.json") and has("merges.txt"))):
+            raise FileNotFoundError(f"tokenizer folder {path!r} has neither tokenizer.json nor "
+                                    "vocab.json + merges.txt")
         self.path = path
         self.tokenizer = transformers.CLIPTokenizer.from_pretrained(path, local_files_only=True)
         self.max_length = int(max_length or self.tokenizer.model_max_length)
