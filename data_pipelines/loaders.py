@@ -35,13 +35,20 @@ Config fields read (``config.data.*``; optional ones have the default shown):
   ``latent_channels`` (None) and ``latent_downsample`` (8) are checked against the
   manifest (h = image_size / latent_downsample).
 * ``num_epochs`` (None = repeat forever), ``read_threads`` (2),
-  ``prefetch_buffer_size`` (8), ``num_eval`` (None = every record),
-  ``eval_source_images`` (True: eval batches also carry the id/exp source images).
+  ``prefetch_buffer_size`` (2 * read_threads batches), ``num_eval`` (None = every
+  record), ``eval_source_images`` (True: eval batches also carry the id/exp images).
 
-A batch is ``{"bkg_image": (B,S,S,3) float32 in [-1,1], "bkg_mask": (B,S,S,1) in
-{0,1} (1 = face), "latent": (B,h,w,C) if configured, "id": {field: (B,d)},
-"exp": (B,d), "src": {"bkg", "id", "exp"}: int32 record indices}``; eval batches add
-``"valid"`` (and ``"id_image"``, ``"exp_image"``).
+``id_dims`` / ``exp_dim`` / ``latent_channels`` are what makes a dataset exported
+with other encoders fail at start (``Manifest.check_fields``, naming the field, the
+manifest's dimension and the config's); without them any dimension is accepted.
+
+A batch of the iterators is ``{"bkg_image": (B,S,S,3) float32 in [-1,1],
+"bkg_mask": (B,S,S,1) float32 in {0,1} (1 = face), "latent": (B,h,w,C) if
+configured, "id": {field: (B,d)}, "exp": (B,d), "src": {"bkg", "id", "exp"}: int32
+record indices}``; eval batches add ``"valid"`` (and ``"id_image"``,
+``"exp_image"``). B is the global batch with a mesh, else the host batch. The
+host-level datasets (``make_train_dataset``, ``make_eval_dataset``) keep images and
+masks uint8; ``to_model_inputs`` converts (on the devices when a mesh is given).
 """
 
 from __future__ import annotations
@@ -421,7 +428,8 @@ def _finish(ds: grain.MapDataset, data_cfg, per_host: int) -> grain.IterDataset:
     ds = ds.batch(per_host, drop_remainder=True)
     it = ds.to_iter_dataset(grain.ReadOptions(
         num_threads=int(_get(data_cfg, "read_threads", 2)),
-        prefetch_buffer_size=int(_get(data_cfg, "prefetch_buffer_size", 8))))
+        prefetch_buffer_size=int(_get(data_cfg, "prefetch_buffer_size",
+                                      2 * int(_get(data_cfg, "read_threads", 2))))))
     workers = int(_get(data_cfg, "num_workers", 0))
     if workers > 0:
         # grain's workers read absl flags; outside an absl app nobody parsed them.

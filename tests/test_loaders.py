@@ -188,12 +188,14 @@ def test_host_stream_is_uint8_and_converts_exactly(dataset):
 # ----------------------------------------------------------------------------- resume
 
 
-def test_checkpoint_resume_is_exact(dataset, tmp_path):
-    cfg = make_config(dataset)
+@pytest.mark.parametrize("on_mesh,workers", [(False, 0), (True, 1)])
+def test_checkpoint_resume_is_exact(dataset, tmp_path, on_mesh, workers):
+    cfg = make_config(dataset, num_workers=workers)
+    mesh = jax.make_mesh((4, 2), ("data", "fsdp")) if on_mesh else None
     n_before, m_after = 3, 7  # crosses the epoch boundary at 5 steps
-    straight = take(loaders.make_train_iterator(cfg), n_before + m_after)
+    straight = take(loaders.make_train_iterator(cfg, mesh), n_before + m_after)
 
-    it = loaders.make_train_iterator(cfg)
+    it = loaders.make_train_iterator(cfg, mesh)
     first = take(it, n_before)
     state = {"step": np.array(n_before, np.int32), "w": np.arange(4.0)}
     mngr = ocp.CheckpointManager(str(tmp_path / "ckpt"))
@@ -203,12 +205,14 @@ def test_checkpoint_resume_is_exact(dataset, tmp_path):
     after = take(it, m_after)
     assert_batches_equal(first + after, straight)
 
-    fresh = loaders.make_train_iterator(cfg)
+    it.close()
+    fresh = loaders.make_train_iterator(cfg, mesh)
     mngr2 = ocp.CheckpointManager(str(tmp_path / "ckpt"))
     restored = mngr2.restore(mngr2.latest_step(), args=ocp.args.Composite(
         state=ocp.args.StandardRestore(state), data=loaders.restore_args(fresh)))
     np.testing.assert_array_equal(restored["state"]["w"], state["w"])
     assert_batches_equal(take(restored["data"], m_after), after)
+    fresh.close()
     mngr.close()
     mngr2.close()
 
