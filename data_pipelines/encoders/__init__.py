@@ -44,6 +44,7 @@ BUILTIN = {
     "mask68": "data_pipelines.encoders.mask",
     "mask68_small": "data_pipelines.encoders.mask",
     "mask68_dilated": "data_pipelines.encoders.mask",
+    "sd_vae": "data_pipelines.encoders.sd_vae",
 }
 
 
