@@ -189,3 +189,30 @@ def test_latents_match_diffusers_vae(input_folder, tmp_path):
         with torch.no_grad():
             ref = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
         np.testing.assert_allclose(r["latent"], ref[0].permute(1, 2, 0).numpy(), atol=2e-4)
+
+
+def test_tfds_input(input_folder, tmp_path):
+    fd = pytest.importorskip("data_pipelines.tfds")
+    manual = tmp_path / "manual" / "images1024x1024" / "00000"
+    manual.mkdir(parents=True)
+    for i, f in enumerate(["face0.png", "face1.png", "blank.png"]):
+        shutil.copy(os.path.join(input_folder, f), manual / f"{i:05d}.png")
+    fd.prepare("facediff_ffhq", tmp_path / "manual", tmp_path / "data",
+               fd.FaceConfig(name="partial", require_complete=False))
+    out = str(tmp_path / "out")
+    m = export.export("tfds:facediff_ffhq/partial:train", out,
+                      export.ExportConfig(encoders=("dlib",), image_size=64),
+                      tfds_data_dir=str(tmp_path / "data"))
+    assert m.source == "tfds:facediff_ffhq/partial:train"
+    assert m.counters["inputs"] == 3 and m.counters["written"] == 2 and m.counters["no_face"] == 1
+    # same embeddings as exporting the files themselves
+    aligner = faces.FaceAligner(crops=("dlib150",))
+    enc = encoders.create("dlib")
+    want = [enc.encode(aligner(np.array(Image.open(os.path.join(input_folder, f)).convert(
+        "RGB"))).crops["dlib150"].image[None])["id_dlib"][0] for f in ("face0.png", "face1.png")]
+    _, got = _read_all(out)
+    assert [r["key"] for r in got] == ["000000000", "000000001"]
+    np.testing.assert_allclose(np.stack([r["id_dlib"] for r in got]), np.stack(want), atol=1e-6)
+    with pytest.raises(export.ExportError, match="cannot open tfds dataset 'nope'"):
+        export.export("tfds:nope:train", str(tmp_path / "x"), export.ExportConfig(),
+                      tfds_data_dir=str(tmp_path / "data"))
