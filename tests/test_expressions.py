@@ -74,3 +74,25 @@ def test_no_torch_import():
     code = ("import sys, facediff.expressions as e; e.vocabulary(); "
             "assert 'torch' not in sys.modules and 'jax' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_index_from_exported_dataset(tmp_path):
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from data_pipelines import records
+
+    shards = []
+    for k in range(2):
+        name = f"shard-{k}.array_record"
+        w = ArrayRecordWriter(str(tmp_path / name), "group_size:1")
+        for i in range(3):
+            w.write(records.encode_record({"key": f"s{k}i{i}", "expression": np.int32(9 + i)}))
+        w.close()
+        shards.append(records.ShardInfo(name, 3))
+    records.Manifest(fields={"key": records.FieldSpec("str", []),
+                             "expression": records.FieldSpec("int32", [])},
+                     shards=shards).save(str(tmp_path))
+    idx = expressions.ExpressionIndex.from_dataset(str(tmp_path))
+    assert idx.ids("amusement") == ("s0i0", "s1i0") and idx.ids(11) == ("s0i2", "s1i2")
+    with pytest.raises(KeyError, match="no field 'emotion'"):
+        expressions.ExpressionIndex.from_dataset(str(tmp_path), field="emotion")

@@ -142,3 +142,24 @@ def test_parser_hook():
         masks.parser_mask(img, lambda x: np.zeros((3, 3)), [1])
     with pytest.raises(ValueError, match="68 landmarks"):
         masks.hull_mask(np.zeros((5, 2)), (10, 10))
+
+
+def test_cnn_detector_and_five_point_predictor(hanks):
+    img = _load("Tom_Hanks_54745.png")
+    cnn = faces.FaceDetector("cnn", upsample=1)
+    dets = cnn(img)
+    assert len(dets) == 1
+    # the CNN box overlaps the HOG box
+    a, b = np.array(dets[0].rect), np.array(hanks.detection.rect)
+    inter = np.prod(np.clip(np.minimum(a[2:], b[2:]) - np.maximum(a[:2], b[:2]), 0, None))
+    union = np.prod(a[2:] - a[:2]) + np.prod(b[2:] - b[:2]) - inter
+    assert inter / union > 0.4
+    five = faces.LandmarkPredictor(5)(img, hanks.detection.rect)
+    assert five.shape == (5, 2)
+    # dlib's 5 points are the outer/inner eye corners and the nose base: each lies
+    # within a few pixels of the matching 68-point landmark
+    lm = hanks.landmarks68
+    for p in five[:4]:
+        assert np.linalg.norm(lm[[36, 39, 42, 45]] - p, axis=1).min() < 5
+    with pytest.raises(ValueError, match="'mtcnn'"):
+        faces.FaceDetector("mtcnn")
