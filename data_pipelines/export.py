@@ -21,7 +21,9 @@ written under a temporary name, renamed when closed, and then its progress file
 ``_progress/shard-K.json`` is written; on a re-run a shard with both its final file
 and its progress file is skipped, anything else is redone. The manifest is written
 (atomically) once every shard is done. A re-run with other settings than the
-existing export (``_progress/config.json``) is refused.
+existing export (``_progress/config.json``) is refused. ``--worker I/N`` lets N
+processes (e.g. one per host) share an export: worker I does shards K with
+K % N == I, and the last one to finish writes the manifest.
 """
 
 from __future__ import annotations
@@ -140,6 +142,10 @@ class ExportConfig:
     upsample: int = 1
     latents: str | None = None  # diffusers AutoencoderKL folder (or pipeline folder)
     limit: int | None = None
+    # Several processes (hosts) may share one export: worker i of n does the shards
+    # k with k % n == i; whichever finds every shard done writes the manifest.
+    worker_index: int = 0
+    num_workers: int = 1
 
 
 def _encode_image(img: np.ndarray, fmt: str, quality: int) -> bytes:
@@ -217,8 +223,9 @@ def shard_name(k: int, n: int) -> str:
 
 def export(input: str | Any, output: str, cfg: ExportConfig | None = None, *,
            tfds_data_dir: str | None = None,
-           after_shard: Callable[[int], None] | None = None) -> records.Manifest:
-    """Runs the export; returns the manifest. ``input`` is a folder, ``tfds:...``,
+           after_shard: Callable[[int], None] | None = None) -> records.Manifest | None:
+    """Runs the export; returns the manifest (None for a worker that finished its
+    shards while others are still running). ``input`` is a folder, ``tfds:...``,
     or a source object with ``keys``, ``load(key)`` and ``description``.
     ``after_shard(k)`` is called after shard k is final (tests use it to simulate a
     crash)."""
@@ -227,6 +234,9 @@ def export(input: str | Any, output: str, cfg: ExportConfig | None = None, *,
     cfg = cfg or ExportConfig()
     if cfg.shard_size < 1:
         raise ExportError(f"--shard-size {cfg.shard_size}: must be >= 1")
+    if not 0 <= cfg.worker_index < cfg.num_workers:
+        raise ExportError(f"--worker {cfg.worker_index}/{cfg.num_workers}: expected I/N "
+                          f"with 0 <= I < N")
     source = open_source(input, data_dir=tfds_data_dir) if isinstance(input, str) else input
     keys = list(source.keys)[: cfg.limit] if cfg.limit else list(source.keys)
     if not keys:
@@ -261,7 +271,7 @@ def export(input: str | Any, output: str, cfg: ExportConfig | None = None, *,
 
     n_shards = -(-len(keys) // cfg.shard_size)
     t0 = time.time()
-    for k in range(n_shards):
+    for k in range(cfg.worker_index, n_shards, cfg.num_workers):
         name = shard_name(k, n_shards)
         final = os.path.join(output, name)
         prog = os.path.join(output, PROGRESS, f"shard-{k:05d}.json")
@@ -286,6 +296,13 @@ def export(input: str | Any, output: str, cfg: ExportConfig | None = None, *,
         if after_shard is not None:
             after_shard(k)
 
+    missing = [k for k in range(n_shards) if not _shard_done(
+        os.path.join(output, PROGRESS, f"shard-{k:05d}.json"),
+        os.path.join(output, shard_name(k, n_shards)))]
+    if missing:
+        log.info("worker %d/%d finished; %d shard(s) left to other workers (%s...)",
+                 cfg.worker_index, cfg.num_workers, len(missing), missing[:5])
+        return None
     return _finish(output, n_shards, fields, fp, source, cfg)
 
 
@@ -406,18 +423,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--latents", default=None, help="diffusers AutoencoderKL folder")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--tfds-data-dir", default=None)
+    p.add_argument("--worker", default="0/1", metavar="I/N",
+                   help="this process is worker I of N sharing the export (default 0/1)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
+        try:
+            wi, wn = (int(v) for v in a.worker.split("/"))
+        except ValueError:
+            raise ExportError(f"--worker {a.worker!r}: expected I/N, e.g. 0/4") from None
         cfg = ExportConfig(encoders=[e for e in a.encoders.split(",") if e],
                            weights=_parse_weights(a.weights), shard_size=a.shard_size,
                            image_size=a.image_size, image_format=a.image_format,
                            image_scale=a.image_scale, detector=a.detector, upsample=a.upsample,
-                           latents=a.latents, limit=a.limit)
+                           latents=a.latents, limit=a.limit, worker_index=wi, num_workers=wn)
         m = export(a.input, a.output, cfg, tfds_data_dir=a.tfds_data_dir)
     except (ExportError, enc_lib.WeightsError, KeyError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2
+    if m is None:
+        print(json.dumps({"worker": a.worker, "manifest": "not yet: other workers' shards remain"}))
+        return 0
     print(json.dumps({"records": m.num_records, "shards": len(m.shards), "counters": m.counters}))
     return 0
 

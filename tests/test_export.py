@@ -216,3 +216,19 @@ def test_tfds_input(input_folder, tmp_path):
     with pytest.raises(export.ExportError, match="cannot open tfds dataset 'nope'"):
         export.export("tfds:nope:train", str(tmp_path / "x"), export.ExportConfig(),
                       tfds_data_dir=str(tmp_path / "data"))
+
+
+def test_workers_split_equals_single(exported, input_folder, tmp_path):
+    out = str(tmp_path / "split")
+    done = {0: [], 1: []}
+    for i in (1, 0):
+        m = export.export(input_folder, out, export.ExportConfig(**CFG, worker_index=i,
+                                                                 num_workers=2),
+                          after_shard=done[i].append)
+        assert (m is None) == (i == 1)  # the second worker to finish writes the manifest
+    assert done == {0: [0, 2], 1: [1, 3]}
+    assert _shard_bytes(out) == _shard_bytes(exported)
+    assert json.load(open(os.path.join(out, records.MANIFEST))) == \
+        json.load(open(os.path.join(exported, records.MANIFEST)))
+    with pytest.raises(export.ExportError, match="--worker 2/2"):
+        export.export(input_folder, out, export.ExportConfig(**CFG, worker_index=2, num_workers=2))
