@@ -107,6 +107,15 @@ class TfdsSource:
         self.description = f"tfds:{name}:{split}"
         self.keys = [f"{i:09d}" for i in range(len(self.ds))]
 
+    def extras(self, key: str, names: Sequence[str]) -> dict[str, Any]:
+        """Other features of the example (labels, ids) to copy into the record."""
+        ex = self.ds[int(key)]
+        missing = [n for n in names if n not in ex]
+        if missing:
+            raise ExportError(f"--carry {','.join(missing)}: not features of "
+                              f"{self.description} (it has {sorted(ex)})")
+        return {n: _plain(ex[n]) for n in names}
+
     def load(self, key: str) -> np.ndarray:
         ex = self.ds[int(key)]
         if self.image_key not in ex:
@@ -118,6 +127,20 @@ class TfdsSource:
 
             img = np.asarray(Image.open(io.BytesIO(img)).convert("RGB"))
         return np.asarray(img, np.uint8)
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode("utf-8")
+    if isinstance(v, str):
+        return v
+    return np.asarray(v)
+
+
+def _carry_spec(v: Any) -> records.FieldSpec:
+    if isinstance(v, str):
+        return records.FieldSpec("str", [], "input", "1")
+    return records.FieldSpec(str(v.dtype), list(v.shape), "input", "1")
 
 
 def open_source(spec: str, **kw) -> FolderSource | TfdsSource:
@@ -146,6 +169,8 @@ class ExportConfig:
     # k with k % n == i; whichever finds every shard done writes the manifest.
     worker_index: int = 0
     num_workers: int = 1
+    # tfds inputs: features copied unchanged into each record (e.g. labels, ids).
+    carry: Sequence[str] = ()
 
 
 def _encode_image(img: np.ndarray, fmt: str, quality: int) -> bytes:
@@ -246,6 +271,14 @@ def export(input: str | Any, output: str, cfg: ExportConfig | None = None, *,
 
     encs = build_encoders(cfg)
     fields = manifest_fields(cfg, encs)
+    if cfg.carry:
+        if not hasattr(source, "extras"):
+            raise ExportError(f"--carry {','.join(cfg.carry)}: only tfds inputs carry features")
+        first = source.extras(keys[0], cfg.carry)
+        for n, v in first.items():
+            if n in fields:
+                raise ExportError(f"--carry {n}: the export already writes a field {n!r}")
+            fields[n] = _carry_spec(v)
     fp = _fingerprint(cfg, source, fields)
 
     os.makedirs(os.path.join(output, PROGRESS), exist_ok=True)
@@ -326,10 +359,15 @@ class _Limited:
 def _process_shard(source, keys, aligner, encs, cfg):
     counters = dict.fromkeys(COUNTERS, 0)
     kept: list[tuple[str, FaceResult]] = []
+    extras: dict[str, dict[str, Any]] = {}
     for key in keys:
         counters["inputs"] += 1
         try:
             img = source.load(key)
+            if cfg.carry:
+                extras[key] = source.extras(key, cfg.carry)
+        except ExportError:
+            raise
         except Exception as e:  # PIL raises many types on bad files
             counters["corrupt"] += 1
             log.warning("%s: unreadable image, skipped (%s: %s)", key, type(e).__name__, e)
@@ -361,6 +399,7 @@ def _process_shard(source, keys, aligner, encs, cfg):
                "landmarks": crop.landmarks.astype(np.float32)}
         for f, v in outputs.items():
             rec[f] = v[i]
+        rec.update(extras.get(key, {}))
         recs.append(rec)
     counters["written"] = len(recs)
     return counters, recs
@@ -423,6 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--latents", default=None, help="diffusers AutoencoderKL folder")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--tfds-data-dir", default=None)
+    p.add_argument("--carry", default="", help="tfds features to copy into the records, "
+                   "comma-separated (e.g. subject,emotion)")
     p.add_argument("--worker", default="0/1", metavar="I/N",
                    help="this process is worker I of N sharing the export (default 0/1)")
     a = p.parse_args(argv)
@@ -436,7 +477,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            weights=_parse_weights(a.weights), shard_size=a.shard_size,
                            image_size=a.image_size, image_format=a.image_format,
                            image_scale=a.image_scale, detector=a.detector, upsample=a.upsample,
-                           latents=a.latents, limit=a.limit, worker_index=wi, num_workers=wn)
+                           latents=a.latents, limit=a.limit, worker_index=wi, num_workers=wn,
+                           carry=tuple(c for c in a.carry.split(",") if c))
         m = export(a.input, a.output, cfg, tfds_data_dir=a.tfds_data_dir)
     except (ExportError, enc_lib.WeightsError, KeyError) as e:
         print(f"export: error: {e}", file=sys.stderr)

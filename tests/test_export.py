@@ -201,8 +201,9 @@ def test_tfds_input(input_folder, tmp_path):
                fd.FaceConfig(name="partial", require_complete=False))
     out = str(tmp_path / "out")
     m = export.export("tfds:facediff_ffhq/partial:train", out,
-                      export.ExportConfig(encoders=("dlib",), image_size=64),
+                      export.ExportConfig(encoders=("dlib",), image_size=64, carry=("image_id",)),
                       tfds_data_dir=str(tmp_path / "data"))
+    assert m.fields["image_id"].encoder == "input"
     assert m.source == "tfds:facediff_ffhq/partial:train"
     assert m.counters["inputs"] == 3 and m.counters["written"] == 2 and m.counters["no_face"] == 1
     # same embeddings as exporting the files themselves
@@ -212,7 +213,12 @@ def test_tfds_input(input_folder, tmp_path):
         "RGB"))).crops["dlib150"].image[None])["id_dlib"][0] for f in ("face0.png", "face1.png")]
     _, got = _read_all(out)
     assert [r["key"] for r in got] == ["000000000", "000000001"]
+    assert sorted(int(r["image_id"]) for r in got) == [0, 1]  # FFHQ file numbers, carried
     np.testing.assert_allclose(np.stack([r["id_dlib"] for r in got]), np.stack(want), atol=1e-6)
+    with pytest.raises(export.ExportError, match="--carry emotion: not features of"):
+        export.export("tfds:facediff_ffhq/partial:train", str(tmp_path / "c"),
+                      export.ExportConfig(encoders=("dlib",), carry=("emotion",)),
+                      tfds_data_dir=str(tmp_path / "data"))
     with pytest.raises(export.ExportError, match="cannot open tfds dataset 'nope'"):
         export.export("tfds:nope:train", str(tmp_path / "x"), export.ExportConfig(),
                       tfds_data_dir=str(tmp_path / "data"))
