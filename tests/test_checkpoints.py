@@ -37,7 +37,7 @@ def _check_outputs(models, pipe, seed=0):
         if models.tokenizer_path else rng.integers(0, 70, (2, 77))
     with torch.no_grad():
         t_out = pipe.text_encoder(torch.from_numpy(ids.astype(np.int64)))
-    hidden, pooled = clip_lib.CLIPTextModel(models.text_config).apply(
+    hidden, pooled = jax.jit(clip_lib.CLIPTextModel(models.text_config).apply)(
         {"params": models.params["text_encoder"]}, jnp.asarray(ids))
     np.testing.assert_allclose(hidden, t_out.last_hidden_state.numpy(), atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(pooled, t_out.pooler_output.numpy(), atol=1e-4, rtol=1e-4)
@@ -46,13 +46,14 @@ def _check_outputs(models, pipe, seed=0):
     t = np.array([10, 700], np.int32)
     with torch.no_grad():
         ref = pipe.unet(T.nchw(x), torch.from_numpy(t.astype(np.int64)), t_out.last_hidden_state).sample
-    eps = unet_lib.apply_unet(models.unet_config, models.params["unet"], jnp.asarray(x), jnp.asarray(t), hidden)
+    eps = jax.jit(lambda p, x, t, c: unet_lib.apply_unet(models.unet_config, p, x, t, c))(
+        models.params["unet"], jnp.asarray(x), jnp.asarray(t), hidden)
     np.testing.assert_allclose(eps, T.nhwc(ref), atol=1e-4, rtol=1e-4)
     # vae decode
     vae = vae_lib.AutoencoderKL(models.vae_config)
     with torch.no_grad():
         img = pipe.vae.decode(T.nchw(x)).sample
-    ours = vae.apply({"params": models.params["vae"]}, jnp.asarray(x), method=vae.decode)
+    ours = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode))(models.params["vae"], jnp.asarray(x))
     np.testing.assert_allclose(ours, T.nhwc(img), atol=1e-4, rtol=1e-4)
 
 

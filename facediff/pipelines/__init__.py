@@ -1,0 +1,1 @@
+"""End-to-end inference pipelines (text-to-image with Stable Diffusion weights)."""

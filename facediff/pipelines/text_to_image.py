@@ -1,0 +1,230 @@
+"""Stable Diffusion text-to-image: prompts -> CLIP -> PNDM with classifier-free guidance
+-> VAE decode -> uint8 images -> PNG files.
+
+Everything after tokenisation is ONE ``jax.jit`` program per (batch, height, width,
+steps) shape: text encoding of the prompts and of the empty prompt, drawing the
+initial latent from the key, the whole PNDM trajectory (one ``lax.scan``, the
+conditional and unconditional UNet calls batched together) and the VAE decode.
+Parameters and the guidance scale are arguments of that program, not constants, so
+one compilation serves every checkpoint of the same shapes and every guidance scale.
+
+CLI::
+
+    python -m facediff.pipelines.text_to_image --model DIR_OR_CKPT --prompt "a photo of a face" \\
+        --out OUT_DIR [--steps 50] [--guidance 7.5] [--seed 0] [--height 512] [--width 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from functools import partial
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from facediff.convert.pipeline import SDModels
+from facediff.diffusion import samplers, schedules
+from facediff.models.clip import CLIPTextModel, CLIPTokenizer
+from facediff.models.unet import UNet2DConditionModel
+from facediff.models.vae import AutoencoderKL
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    """PNDM settings taken from the model's scheduler config (diffusers field names)."""
+
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    num_train_timesteps: int = 1000
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
+    skip_prk_steps: bool = True
+    timestep_spacing: str = "leading"
+
+    @classmethod
+    def from_scheduler_config(cls, d: dict[str, Any]) -> "SamplerSettings":
+        if d.get("prediction_type", "epsilon") != "epsilon":
+            raise ValueError(f"scheduler config: prediction_type {d['prediction_type']!r} is not supported "
+                             "(only 'epsilon')")
+        if d.get("trained_betas") is not None:
+            raise ValueError("scheduler config: trained_betas is not supported")
+        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if d.get(f.name) is not None}
+        return cls(**kw)
+
+    def schedule(self) -> schedules.NoiseSchedule:
+        return schedules.make_schedule(self.beta_schedule, self.num_train_timesteps,
+                                       self.beta_start, self.beta_end)
+
+
+def to_uint8(images: jax.Array) -> jax.Array:
+    """VAE output in [-1, 1] -> uint8 in [0, 255]: round(clip(x / 2 + 0.5, 0, 1) * 255),
+    as diffusers' image post-processing does."""
+    return jnp.round(jnp.clip(images / 2 + 0.5, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """Everything static about the program: model shapes and sampler settings (hashable)."""
+
+    text: Any
+    unet: Any
+    vae: Any
+    settings: SamplerSettings
+
+
+def _denoise_and_decode(spec: _Spec, params, ids, uncond_ids, latents, guidance_scale, num_steps: int,
+                        guided: bool):
+    """ids (B, 77), uncond_ids (1, 77), latents x_T (B, h, w, C) -> float images (B, H, W, 3)."""
+    text, unet, vae = CLIPTextModel(spec.text), UNet2DConditionModel(spec.unet), AutoencoderKL(spec.vae)
+    ctx, _ = text.apply({"params": params["text_encoder"]}, ids)
+    uctx = text.apply({"params": params["text_encoder"]}, uncond_ids)[0] if guided else None
+
+    def eps_fn(x, t, c):
+        return unet.apply({"params": params["unet"]}, x, t, c)
+
+    s = spec.settings
+    z0 = samplers.sample(eps_fn, s.schedule(), latents, method="pndm", num_steps=num_steps,
+                         steps_offset=s.steps_offset, timestep_spacing=s.timestep_spacing,
+                         set_alpha_to_one=s.set_alpha_to_one, skip_prk_steps=s.skip_prk_steps,
+                         cond=ctx, uncond=uctx, guidance_scale=guidance_scale if guided else None)
+    return vae.apply({"params": params["vae"]}, z0, method=vae.decode_latents)
+
+
+def latent_shape(spec: _Spec, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+    f = spec.vae.downsample_factor
+    if height % f or width % f:
+        raise ValueError(f"height/width ({height}, {width}) must be multiples of the VAE factor {f}")
+    return (batch, height // f, width // f, spec.unet.out_channels)
+
+
+@partial(jax.jit, static_argnames=("spec", "num_steps", "guided"))
+def _from_latents(spec, params, ids, uncond_ids, latents, guidance_scale, *, num_steps, guided):
+    return _denoise_and_decode(spec, params, ids, uncond_ids, latents, guidance_scale, num_steps, guided)
+
+
+@partial(jax.jit, static_argnames=("spec", "height", "width", "num_steps", "guided"))
+def _from_key(spec, params, ids, uncond_ids, key, guidance_scale, *, height, width, num_steps, guided):
+    """The whole text-to-image program after tokenisation: noise from ``key``, CLIP,
+    guided PNDM, VAE decode, uint8."""
+    latents = jax.random.normal(key, latent_shape(spec, ids.shape[0], height, width), jnp.float32)
+    images = _denoise_and_decode(spec, params, ids, uncond_ids, latents, guidance_scale, num_steps, guided)
+    return to_uint8(images)
+
+
+class TextToImage:
+    """Text-to-image sampler over a facediff Stable Diffusion model set.
+
+    ``pipe(prompts, key)`` returns uint8 images (B, H, W, 3). The same key gives the
+    same images; the initial latent is ``normal(key, (B, H/f, W/f, C))``. Compiled
+    programs are cached per (model shapes, sampler settings, batch, H, W, steps), so
+    a second TextToImage over the same shapes reuses them.
+    """
+
+    def __init__(self, models: SDModels, tokenizer: CLIPTokenizer | None = None):
+        self.models = models
+        if tokenizer is None:
+            if models.tokenizer_path is None:
+                raise ValueError("TextToImage: the model set has no tokenizer folder; pass tokenizer=")
+            tokenizer = CLIPTokenizer(models.tokenizer_path, max_length=models.text_config.max_position_embeddings)
+        self.tokenizer = tokenizer
+        self.spec = _Spec(models.text_config, models.unet_config, models.vae_config,
+                          SamplerSettings.from_scheduler_config(models.scheduler))
+        self.params = jax.tree.map(jnp.asarray, models.params)
+
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        return latent_shape(self.spec, batch, height, width)
+
+    # -------------------------------------------------------------------- user API
+
+    def tokenize(self, prompts: str | Sequence[str], negative_prompt: str = "") -> tuple[np.ndarray, np.ndarray]:
+        ids = self.tokenizer(prompts)
+        return ids, self.tokenizer([negative_prompt])
+
+    def __call__(self, prompts: str | Sequence[str], key: jax.Array, *, height: int = 512, width: int = 512,
+                 num_steps: int = 50, guidance_scale: float = 7.5, negative_prompt: str = "") -> np.ndarray:
+        """Prompts -> uint8 images (B, H, W, 3). Guidance is off when guidance_scale <= 1
+        (as in diffusers); the unconditional prompt is ``negative_prompt`` (empty)."""
+        self.latent_shape(1, height, width)
+        ids, uids = self.tokenize(prompts, negative_prompt)
+        out = _from_key(self.spec, self.params, jnp.asarray(ids), jnp.asarray(uids), key,
+                             jnp.float32(guidance_scale), height=height, width=width,
+                             num_steps=int(num_steps), guided=guidance_scale > 1.0)
+        return np.asarray(out)
+
+    def from_latents(self, prompts: str | Sequence[str], latents: jax.Array, *, num_steps: int = 50,
+                     guidance_scale: float = 7.5, negative_prompt: str = "") -> np.ndarray:
+        """Like ``__call__`` with a given initial latent x_T (B, h, w, C); returns the
+        float images in [0, 1] (before uint8 rounding), for comparisons."""
+        ids, uids = self.tokenize(prompts, negative_prompt)
+        images = _from_latents(self.spec, self.params, jnp.asarray(ids), jnp.asarray(uids), jnp.asarray(latents),
+                                    jnp.float32(guidance_scale), num_steps=int(num_steps),
+                                    guided=guidance_scale > 1.0)
+        return np.asarray(jnp.clip(images / 2 + 0.5, 0.0, 1.0))
+
+    def lowered(self, batch: int, *, height: int = 512, width: int = 512, num_steps: int = 50,
+                guided: bool = True):
+        """The jitted program lowered for one shape (``.compile()`` it to inspect memory/FLOPs)."""
+        n = self.models.text_config.max_position_embeddings
+        ids = jax.ShapeDtypeStruct((batch, n), jnp.int32)
+        uids = jax.ShapeDtypeStruct((1, n), jnp.int32)
+        return _from_key.lower(self.spec, self.params, ids, uids, jax.random.key(0), jnp.float32(7.5),
+                                    height=height, width=width, num_steps=num_steps, guided=guided)
+
+
+def save_png(images: np.ndarray, out_dir: str | os.PathLike, prefix: str = "image") -> list[str]:
+    """Writes uint8 (B, H, W, 3) images as ``<out_dir>/<prefix>_<i>.png``; returns the paths."""
+    from PIL import Image  # noqa: PLC0415
+
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"save_png: expected uint8 (B, H, W, 3) images, got {images.dtype} {images.shape}")
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for i, im in enumerate(images):
+        p = os.path.join(out_dir, f"{prefix}_{i:04d}.png")
+        Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im).save(p)
+        paths.append(p)
+    return paths
+
+
+def main(argv: Sequence[str] | None = None) -> list[str]:
+    ap = argparse.ArgumentParser(prog="python -m facediff.pipelines.text_to_image", description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, help="diffusers SD folder, or a CompVis .ckpt/.safetensors file")
+    ap.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (needed with a CompVis file)")
+    ap.add_argument("--prompt", required=True, action="append", help="prompt; repeat for a batch")
+    ap.add_argument("--out", required=True, help="output folder for PNG files")
+    ap.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--height", type=int, default=512)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--negative-prompt", default="")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    args = ap.parse_args(argv)
+
+    from facediff.convert.pipeline import load_models  # noqa: PLC0415
+
+    kwargs: dict[str, Any] = {"dtype": args.dtype}
+    if os.path.isfile(args.model) and args.tokenizer:
+        kwargs["tokenizer_path"] = args.tokenizer
+    models = load_models(args.model, **kwargs)
+    tok = CLIPTokenizer(args.tokenizer) if args.tokenizer else None
+    pipe = TextToImage(models, tokenizer=tok)
+    prompts = [p for p in args.prompt for _ in range(args.num_images)]
+    images = pipe(prompts, jax.random.key(args.seed), height=args.height, width=args.width,
+                  num_steps=args.steps, guidance_scale=args.guidance, negative_prompt=args.negative_prompt)
+    paths = save_png(images, args.out)
+    for p in paths:
+        print(p)
+    return paths
+
+
+if __name__ == "__main__":
+    main()
