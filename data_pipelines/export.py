@@ -223,9 +223,32 @@ def manifest_fields(cfg: ExportConfig, encs: Sequence[enc_lib.Encoder]) -> dict[
     return fields
 
 
-def _fingerprint(cfg: ExportConfig, source, fields) -> dict[str, Any]:
+def _file_digest(path: str) -> str:
+    """sha256 of a weight file; of a folder, of its files' names and contents."""
+    h = hashlib.sha256()
+    paths = [path] if os.path.isfile(path) else sorted(
+        os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs)
+    for p in paths:
+        h.update(os.path.relpath(p, path).encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def weight_digests(encs: Sequence[enc_lib.Encoder]) -> dict[str, str]:
+    """``--weights`` key -> sha256 of the files the encoders use (provenance, resume check)."""
+    out = {}
+    for e in encs:
+        for k in e.weight_keys:
+            out[k] = _file_digest(e.weights[k])
+    return out
+
+
+def _fingerprint(cfg: ExportConfig, source, fields, digests) -> dict[str, Any]:
     h = hashlib.sha256("\n".join(source.keys).encode()).hexdigest()
     return {"source": source.description, "num_inputs": len(source.keys), "inputs_sha256": h,
+            "weights_sha256": digests,
             "shard_size": cfg.shard_size, "image_size": cfg.image_size,
             "image_format": cfg.image_format, "jpeg_quality": cfg.jpeg_quality,
             "image_scale": cfg.image_scale, "detector": cfg.detector, "upsample": cfg.upsample,
@@ -279,7 +302,7 @@ def export(input: str | Any, output: str, cfg: ExportConfig | None = None, *,
             if n in fields:
                 raise ExportError(f"--carry {n}: the export already writes a field {n!r}")
             fields[n] = _carry_spec(v)
-    fp = _fingerprint(cfg, source, fields)
+    fp = _fingerprint(cfg, source, fields, weight_digests(encs))
 
     os.makedirs(os.path.join(output, PROGRESS), exist_ok=True)
     cfg_path = os.path.join(output, PROGRESS, "config.json")
@@ -419,7 +442,8 @@ def _finish(output, n_shards, fields, fp, source, cfg) -> records.Manifest:
                           f"nothing to write")
     extra = {"image_scale": cfg.image_scale, "image_format": cfg.image_format,
              "detector": cfg.detector, "landmarks": "68-point iBUG, pixels of 'image'",
-             "mask": "1 = face region", "inputs_sha256": fp["inputs_sha256"]}
+             "mask": "1 = face region", "inputs_sha256": fp["inputs_sha256"],
+             "weights_sha256": fp["weights_sha256"]}
     if "latent" in fields:
         extra["latent"] = "VAE posterior mean * scaling_factor, (h, w, C)"
     manifest = records.Manifest(fields=fields, shards=shards, source=source.description,

@@ -238,3 +238,34 @@ def test_workers_split_equals_single(exported, input_folder, tmp_path):
         json.load(open(os.path.join(exported, records.MANIFEST)))
     with pytest.raises(export.ExportError, match="--worker 2/2"):
         export.export(input_folder, out, export.ExportConfig(**CFG, worker_index=2, num_workers=2))
+
+
+@encoders.register("test_weighted_brightness")
+class _WeightedBrightness(encoders.Encoder):
+    """A user encoder with a weight file: mean brightness times a factor read from it."""
+
+    version = "t1"
+    crop = "image"
+    weight_keys = ("brightness",)
+    fields = {"brightness": encoders.Field("float32", (1,))}
+
+    def __call__(self, batch):
+        with open(self.weights["brightness"]) as f:
+            factor = float(f.read())
+        return {"brightness": batch.reshape(len(batch), -1).mean(1, keepdims=True) * factor}
+
+
+def test_changed_weights_refused_on_resume(input_folder, tmp_path):
+    w = tmp_path / "factor.txt"
+    w.write_text("2.0")
+    cfg = dict(encoders=("test_weighted_brightness",), image_size=64, shard_size=100,
+               weights={"brightness": str(w)})
+    out = str(tmp_path / "o")
+    m = export.export(input_folder, out, export.ExportConfig(**cfg))
+    assert set(m.extra["weights_sha256"]) == {"brightness"}
+    _, recs = _read_all(out)
+    img = np.array(Image.open(io.BytesIO(recs[0]["image"])).convert("RGB"), np.float32)
+    np.testing.assert_allclose(recs[0]["brightness"], [img.mean() * 2.0], rtol=1e-5)
+    w.write_text("3.0")
+    with pytest.raises(export.ExportError, match="weights_sha256"):
+        export.export(input_folder, out, export.ExportConfig(**cfg))

@@ -39,6 +39,7 @@ class SDVAE(Encoder):
         from facediff.models.vae import AutoencoderKL
 
         folder = _vae_folder(self.weights["latents"])
+        self.weights["latents"] = folder  # what is read (and hashed for provenance)
         self.config, params = load_vae(folder)
         self.folder = folder
         self.model = AutoencoderKL(self.config)
