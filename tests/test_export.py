@@ -269,3 +269,23 @@ def test_changed_weights_refused_on_resume(input_folder, tmp_path):
     w.write_text("3.0")
     with pytest.raises(export.ExportError, match="weights_sha256"):
         export.export(input_folder, out, export.ExportConfig(**cfg))
+
+
+def test_user_face_parser_mask(input_folder, tmp_path):
+    from data_pipelines.encoders.mask import ParserMask
+
+    def parser(img):  # a stand-in label map: 1 = bright, 2 = dark-red-ish
+        lab = (img.mean(-1) > 100).astype(np.int64)
+        lab[(img[..., 0] > img[..., 1] + 30)] = 2
+        return lab
+
+    enc = ParserMask(parser, face_labels=[1, 2], mouth_labels=[2], field="mask")
+    out = str(tmp_path / "p")
+    m = export.export(input_folder, out, export.ExportConfig(encoders=(enc,), image_size=64,
+                                                             limit=6))
+    assert m.fields["mask"].encoder == "mask_parser" and "parser" in m.fields["mask"].version
+    _, recs = _read_all(out)
+    for r in recs:
+        img = np.array(Image.open(io.BytesIO(r["image"])).convert("RGB"))
+        lab = parser(img)
+        np.testing.assert_array_equal(r["mask"], (lab == 1).astype(np.uint8))
