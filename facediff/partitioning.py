@@ -48,7 +48,6 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("heads", "fsdp"),
     ("conv_out", "fsdp"),
     ("embed", "fsdp"),
-    ("embed_out", "fsdp"),
     ("cross_embed", "fsdp"),
     ("conv_in", "fsdp"),
     ("conv_h", None),

@@ -1,9 +1,9 @@
 """facediff UNet vs diffusers' PyTorch UNet2DConditionModel (tiny random models, float32)."""
 
+import functools
 import json
 import os
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +17,7 @@ from facediff.convert import unet as cu  # noqa: E402
 from facediff.models import unet as U  # noqa: E402
 
 # Two diffusers configs: A = DiffSFSR-like 9 input channels, cross dim 32, 2 levels;
-# B = 3 levels, 2 layers/block, per-block heads, 2 transformer layers, linear projections,
+# B = 3 levels, per-block layers / heads / transformer layers, linear projections,
 # sin/cos order and freq shift changed, an odd latent size (forces upsample sizes).
 CONFIG_A = dict(
     sample_size=16, in_channels=9, out_channels=4, block_out_channels=(32, 64),
@@ -27,8 +27,8 @@ CONFIG_A = dict(
 )
 CONFIG_B = dict(
     sample_size=10, in_channels=4, out_channels=3, block_out_channels=(16, 32, 32),
-    layers_per_block=2, attention_head_dim=(2, 4, 4), cross_attention_dim=24,
-    norm_num_groups=8, transformer_layers_per_block=2, use_linear_projection=True,
+    layers_per_block=(2, 1, 1), attention_head_dim=(2, 4, 4), cross_attention_dim=24,
+    norm_num_groups=8, transformer_layers_per_block=(2, 1, 1), use_linear_projection=True,
     flip_sin_to_cos=False, freq_shift=1,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
@@ -58,10 +58,21 @@ def _torch_out(m, x, t, ctx):
     return m(x, t, ctx).sample.numpy()
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(config):
+  # one compiled function per config, shared by the tests (compiles dominate their time)
+  return jax.jit(functools.partial(U.apply_unet, config, layout="NCHW"))
+
+
 def _flax_out(config, params, x, t, ctx):
-  out = U.apply_unet(config, params, jnp.asarray(x.numpy()), jnp.asarray(t.numpy()),
-                     jnp.asarray(ctx.numpy()), layout="NCHW")
-  return np.asarray(out)
+  fn = _jitted_apply(config)
+  return np.asarray(fn(params, x.numpy(), jnp.asarray(t.numpy(), jnp.int32), ctx.numpy()))
+
+
+def _converted(m):
+  config = cu.config_from_diffusers(dict(m.config))
+  return config, cu.convert_unet_state_dict({k: v.numpy() for k, v in m.state_dict().items()},
+                                            config)
 
 
 def test_parity_config_a_via_pipeline_folder(tmp_path):
@@ -79,31 +90,30 @@ def test_parity_config_b_bin_weights_nhwc(tmp_path):
   m.save_pretrained(tmp_path, safe_serialization=False)  # diffusion_pytorch_model.bin
   assert os.path.isfile(tmp_path / "diffusion_pytorch_model.bin")
   config, params = cu.load_unet(tmp_path)
-  assert config.use_linear_projection and config.transformer_layers_list() == (2, 2, 2)
+  assert config.use_linear_projection and config.transformer_layers_list() == (2, 1, 1)
   x, t, ctx = _inputs(CONFIG_B, batch=3, length=5)
   ref = _torch_out(m, x, t, ctx)
   # NHWC path directly through the module
-  out = U.UNet2DConditionModel(config).apply(
+  out = jax.jit(U.UNet2DConditionModel(config).apply)(
       {"params": params}, jnp.asarray(x.numpy()).transpose(0, 2, 3, 1), t.numpy(), ctx.numpy())
   np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_scalar_timestep_broadcasts():
   m = _torch_unet(CONFIG_A)
-  config = cu.config_from_diffusers(dict(m.config))
-  params = cu.convert_unet_state_dict({k: v.numpy() for k, v in m.state_dict().items()}, config)
+  config, params = _converted(m)
   x, _, ctx = _inputs(CONFIG_A)
   with torch.no_grad():
     ref = m(x, 250, ctx).sample.numpy()
-  out = U.apply_unet(config, params, x.numpy(), jnp.int32(250), ctx.numpy(), layout="NCHW")
+  out = _jitted_apply(config)(params, x.numpy(), jnp.int32(250), ctx.numpy())
   np.testing.assert_allclose(np.asarray(out), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_export_round_trip(tmp_path):
-  config = U.UNetConfig.tiny(in_channels=9, attention_head_dim=4)
-  params = U.init_params(config, jax.random.key(0), context_len=7)
-  # Non-trivial norms / biases so that a transposed or misplaced tensor would show.
-  leaves, tree = jax.tree.flatten(nn.unbox(params))
+  config, params = _converted(_torch_unet(CONFIG_A, seed=5))
+  # Move every facediff param (norms, biases included) so that the exported model is not
+  # the one we started from, and a transposed or misplaced tensor would show.
+  leaves, tree = jax.tree.flatten(params)
   rng = np.random.default_rng(0)
   params_plain = jax.tree.unflatten(
       tree, [np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32)
@@ -116,7 +126,7 @@ def test_export_round_trip(tmp_path):
   sd = {k: v.numpy() for k, v in m.state_dict().items()}
   exported = cu.unet_params_to_diffusers(params_plain)
   assert sorted(sd) == sorted(exported)
-  x, t, ctx = _inputs(dict(CONFIG_A, in_channels=9, cross_attention_dim=32))
+  x, t, ctx = _inputs(CONFIG_A)
   ref = _torch_out(m, x, t, ctx)
   np.testing.assert_allclose(_flax_out(config, params_plain, x, t, ctx), ref, atol=1e-4, rtol=1e-4)
   # and back again
@@ -129,8 +139,7 @@ def test_export_round_trip(tmp_path):
 def test_widen_conv_in_keeps_output():
   cfg4 = dict(CONFIG_A, in_channels=4)
   m = _torch_unet(cfg4)
-  config = cu.config_from_diffusers(dict(m.config))
-  params = cu.convert_unet_state_dict({k: v.numpy() for k, v in m.state_dict().items()}, config)
+  config, params = _converted(m)
   wide_cfg, wide = cu.widen_conv_in(params, config, 9)
   assert wide_cfg.in_channels == 9
   k = np.asarray(wide["conv_in"]["kernel"])
@@ -200,8 +209,7 @@ def test_sd14_parameter_count():
 
 def test_bfloat16_compute_close_to_float32():
   m = _torch_unet(CONFIG_A)
-  config = cu.config_from_diffusers(dict(m.config))
-  params = cu.convert_unet_state_dict({k: v.numpy() for k, v in m.state_dict().items()}, config)
+  config, params = _converted(m)
   x, t, ctx = _inputs(CONFIG_A)
   ref = _torch_out(m, x, t, ctx)
   out = _flax_out(config.replace(dtype="bfloat16"), params, x, t, ctx)

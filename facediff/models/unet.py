@@ -203,7 +203,7 @@ class Transformer2D(nn.Module):
     b, h, w, c = x.shape
     y = L.GroupNorm(self.groups, 1e-6, name="norm", **kw)(x)
     if self.use_linear_projection:
-      y = L.Dense(self.channels, ("embed", "embed_out"), name="proj_in", **kw)(y.reshape(b, h * w, c))
+      y = L.Dense(self.channels, ("embed", "heads"), name="proj_in", **kw)(y.reshape(b, h * w, c))
     else:
       y = L.Conv(self.channels, 1, padding=0, name="proj_in", **kw)(y).reshape(b, h * w, self.channels)
     block_cls = BasicTransformerBlock
@@ -213,7 +213,7 @@ class Transformer2D(nn.Module):
       y = block_cls(self.channels, self.heads, self.dropout, name=f"transformer_blocks_{i}", **kw)(
           y, context, deterministic)
     if self.use_linear_projection:
-      y = L.Dense(self.channels, ("embed", "embed_out"), name="proj_out", **kw)(y).reshape(
+      y = L.Dense(self.channels, ("heads", "embed"), name="proj_out", **kw)(y).reshape(
           b, h, w, self.channels)
     else:
       y = L.Conv(self.channels, 1, padding=0, name="proj_out", **kw)(y.reshape(b, h, w, self.channels))
@@ -391,7 +391,8 @@ def nhwc_to_nchw(x: jax.Array) -> jax.Array:
 
 def init_params(config: UNetConfig, key: jax.Array, sample_hw: tuple[int, int] | None = None,
                 context_len: int = 77, batch: int = 1):
-  """Random params (boxed with logical axes, as module.init returns them)."""
+  """Random params (boxed with logical axes, as module.init returns them). Traceable:
+  use under jax.jit / jax.eval_shape (see facediff.partitioning.init_sharded)."""
   hw = sample_hw or (config.sample_size, config.sample_size)
   model = UNet2DConditionModel(config)
   sample = jnp.zeros((batch, *hw, config.in_channels), jnp.float32)
