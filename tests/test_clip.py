@@ -139,3 +139,16 @@ def test_tokenizer_pads_and_truncates(tmp_path):
 def test_tokenizer_missing_folder_names_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         clip_lib.CLIPTokenizer(tmp_path / "nowhere")
+
+
+@pytest.mark.slow
+def test_sd14_clip_shapes_match_transformers():
+    """CLIPTextConfig.sd14() has exactly the parameters of ViT-L/14's text tower."""
+    tcfg = transformers.CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                       num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77)
+    tmodel = transformers.CLIPTextModel(tcfg)
+    shapes = clip_convert.param_shapes(clip_lib.CLIPTextConfig.sd14())
+    want = {k: tuple(v.shape) for k, v in clip_convert.flax_to_torch(
+        jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes), prefix="").items()}
+    got = {k: tuple(v.shape) for k, v in tmodel.state_dict().items() if k != "embeddings.position_ids"}
+    assert want == got

@@ -1,5 +1,7 @@
 """VAE: parity with diffusers' AutoencoderKL (torch, float32) through the converter."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,17 +66,20 @@ def test_posterior_sampling_and_scaled_latents():
     cfg = vae_lib.VAEConfig.tiny()
     vae = vae_lib.AutoencoderKL(cfg)
     x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1, maxval=1)
-    v = vae.init(jax.random.key(1), x)
-    post = vae.apply(v, x, method=vae.encode)
+    v = jax.jit(vae.init)(jax.random.key(1), x)
+    post = jax.jit(lambda v, x: vae.apply(v, x, method=vae.encode))(v, x)
     key = jax.random.key(7)
     # sample = mean + exp(logvar / 2) * eps with eps from the key, written out.
     eps = jax.random.normal(key, post.mean.shape)
     np.testing.assert_allclose(post.sample(key), post.mean + jnp.exp(0.5 * post.logvar) * eps, rtol=1e-6)
-    z = vae.apply(v, x, key, method=vae.encode_latents)
-    np.testing.assert_allclose(z, 0.18215 * post.sample(key), rtol=1e-6)
-    np.testing.assert_allclose(vae.apply(v, x, method=vae.encode_latents), 0.18215 * post.mean, rtol=1e-6)
-    np.testing.assert_allclose(vae.apply(v, z, method=vae.decode_latents),
-                               vae.apply(v, z / 0.18215, method=vae.decode), rtol=1e-6)
+    enc = jax.jit(lambda v, x, k: vae.apply(v, x, k, method=vae.encode_latents))
+    z = enc(v, x, key)
+    np.testing.assert_allclose(z, 0.18215 * post.sample(key), rtol=1e-5, atol=1e-6)
+    mode = jax.jit(lambda v, x: vae.apply(v, x, method=vae.encode_latents))(v, x)
+    np.testing.assert_allclose(mode, 0.18215 * post.mean, rtol=1e-5, atol=1e-6)
+    dec_l = jax.jit(lambda v, z: vae.apply(v, z, method=vae.decode_latents))(v, z)
+    dec = jax.jit(lambda v, z: vae.apply(v, z, method=vae.decode))(v, z / 0.18215)
+    np.testing.assert_allclose(dec_l, dec, rtol=1e-5, atol=1e-6)
     big = vae_lib.DiagonalGaussian.from_moments(jnp.concatenate([x[..., :2], 100 + x[..., :2]], -1))
     assert float(big.logvar.max()) == 20.0  # diffusers' clamp
 
@@ -132,3 +137,31 @@ def test_unsupported_config_is_named():
     with pytest.raises(ValueError, match="down_block_types"):
         vae_lib.VAEConfig.from_diffusers_dict(
             {"block_out_channels": [32, 64], "down_block_types": ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]})
+
+
+def test_bfloat16_compute_close_to_float32():
+    tvae = _torch_vae(CONFIGS[0])
+    cfg = vae_lib.VAEConfig.from_diffusers_dict(dict(tvae.config))
+    params = vae_convert.torch_to_flax({k: v.numpy() for k, v in tvae.state_dict().items()}, cfg)
+    z = np.random.default_rng(1).normal(size=(1, 8, 8, 4)).astype(np.float32)
+    out = {}
+    for dt in ("float32", "bfloat16"):
+        vae = vae_lib.AutoencoderKL(dataclasses.replace(cfg, dtype=dt))
+        out[dt] = np.asarray(jax.jit(lambda v, z: vae.apply(v, z, method=vae.decode))({"params": params}, z))
+    assert out["bfloat16"].dtype == np.float32
+    scale = np.abs(out["float32"]).max()
+    assert np.abs(out["bfloat16"] - out["float32"]).max() < 0.05 * scale
+
+
+@pytest.mark.slow
+def test_sd14_vae_shapes_match_diffusers():
+    """VAEConfig.sd14() has exactly the parameters of diffusers' SD-1.x AutoencoderKL."""
+    n = 4
+    tvae = diffusers.AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                   down_block_types=("DownEncoderBlock2D",) * n,
+                                   up_block_types=("UpDecoderBlock2D",) * n, latent_channels=4,
+                                   norm_num_groups=32, sample_size=512)
+    want = {k: tuple(v.shape) for k, v in vae_convert.flax_to_torch(
+        jax.tree.map(lambda s: np.zeros(s.shape, np.float32),
+                     vae_convert.param_shapes(vae_lib.VAEConfig.sd14()))).items()}
+    assert want == {k: tuple(v.shape) for k, v in tvae.state_dict().items()}
