@@ -104,3 +104,36 @@ def test_bad_sizes_and_missing_tokenizer(tiny):
                            t2i.models.params, tokenizer_path=None)
     with pytest.raises(ValueError, match="tokenizer"):
         t2i_lib.TextToImage(models)
+
+
+def test_sharded_equals_unsharded(tiny):
+    """On a (data=2, fsdp=4) mesh of the 8 virtual CPU devices: FSDP params, batch split
+    over both axes; the images equal the single-device ones."""
+    from facediff import partitioning
+
+    folder, _, t2i = tiny
+    mesh = partitioning.make_mesh({"data": 2, "fsdp": 4})
+    sharded = t2i_lib.TextToImage(t2i.models, mesh=mesh)
+    specs = [leaf.sharding.spec for leaf in jax.tree.leaves(sharded.params)]
+    assert any("fsdp" in str(s) for s in specs)  # parameters really are sharded
+    prompts = PROMPTS + ["a dog", "a face"]
+    latents = np.random.default_rng(5).normal(size=(4, 8, 8, 4)).astype(np.float32)
+    a = t2i.from_latents(prompts, latents, num_steps=3, guidance_scale=7.5)
+    b = sharded.from_latents(prompts, latents, num_steps=3, guidance_scale=7.5)
+    np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_sd14_program_lowers():
+    """The SD-1.4-sized program (512x512, 50 PNDM steps, guidance) traces and lowers from
+    abstract params, with no weights loaded."""
+    import flax.linen as nn
+
+    from facediff.models.clip import CLIPTextConfig
+    from facediff.models.unet import UNetConfig
+    from facediff.models.vae import VAEConfig
+
+    spec = t2i_lib._Spec(CLIPTextConfig.sd14(), UNetConfig.sd14(), VAEConfig.sd14(), t2i_lib.SamplerSettings())
+    params = nn.unbox(t2i_lib.abstract_params(spec))
+    lowered = t2i_lib.lower(spec, params, 2, height=512, width=512, num_steps=50)
+    assert lowered.out_info.shape == (2, 512, 512, 3)

@@ -187,7 +187,6 @@ class CLIPTextModel(nn.Module):
             raise ValueError(f"sequence length {n} exceeds max_position_embeddings "
                              f"{cfg.max_position_embeddings}")
         x = CLIPTextEmbeddings(cfg, name="embeddings")(input_ids)
-        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
         # Causal masking happens in the attention; a padding mask is optional.
         mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
         x = x.astype(jnp.dtype(cfg.dtype))

@@ -17,6 +17,7 @@ CLI::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 from functools import partial
@@ -116,6 +117,28 @@ def _from_key(spec, params, ids, uncond_ids, key, guidance_scale, *, height, wid
     return to_uint8(images)
 
 
+def abstract_params(spec: _Spec) -> dict[str, Any]:
+    """Shapes of the three models' params, boxed with their logical axes (no memory)."""
+    from facediff.convert import clip as clip_convert  # noqa: PLC0415
+    from facediff.convert import vae as vae_convert  # noqa: PLC0415
+    from facediff.models import unet as unet_lib  # noqa: PLC0415
+
+    return {"unet": unet_lib.abstract_params(spec.unet), "vae": vae_convert.param_shapes(spec.vae),
+            "text_encoder": clip_convert.param_shapes(spec.text)}
+
+
+def lower(spec: _Spec, params: Any, batch: int, *, height: int = 512, width: int = 512, num_steps: int = 50,
+          guided: bool = True):
+    """The text-to-image program lowered for one shape, ahead of time. ``params`` may be
+    abstract (``abstract_params(spec)``, unboxed) so that SD-sized programs can be
+    lowered and compiled (``.compile()``: memory / FLOPs) before any weights are loaded."""
+    n = spec.text.max_position_embeddings
+    ids = jax.ShapeDtypeStruct((batch, n), jnp.int32)
+    uids = jax.ShapeDtypeStruct((1, n), jnp.int32)
+    return _from_key.lower(spec, params, ids, uids, jax.random.key(0), jnp.float32(7.5),
+                           height=height, width=width, num_steps=num_steps, guided=guided)
+
+
 class TextToImage:
     """Text-to-image sampler over a facediff Stable Diffusion model set.
 
@@ -123,9 +146,13 @@ class TextToImage:
     same images; the initial latent is ``normal(key, (B, H/f, W/f, C))``. Compiled
     programs are cached per (model shapes, sampler settings, batch, H, W, steps), so
     a second TextToImage over the same shapes reuses them.
+
+    With a ``mesh`` (``facediff.partitioning.make_mesh``) the params are placed by the
+    logical-axis rules (FSDP over ``fsdp``) and the prompt batch is split over the
+    batch axes when it divides; the program is the same single jit.
     """
 
-    def __init__(self, models: SDModels, tokenizer: CLIPTokenizer | None = None):
+    def __init__(self, models: SDModels, tokenizer: CLIPTokenizer | None = None, mesh=None):
         self.models = models
         if tokenizer is None:
             if models.tokenizer_path is None:
@@ -134,10 +161,39 @@ class TextToImage:
         self.tokenizer = tokenizer
         self.spec = _Spec(models.text_config, models.unet_config, models.vae_config,
                           SamplerSettings.from_scheduler_config(models.scheduler))
-        self.params = jax.tree.map(jnp.asarray, models.params)
+        self.mesh = mesh
+        if mesh is None:
+            self.params = jax.tree.map(jnp.asarray, models.params)
+        else:
+            from facediff import partitioning  # noqa: PLC0415
+
+            self.params = partitioning.shard_params(models.params, abstract_params(self.spec), mesh)
 
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         return latent_shape(self.spec, batch, height, width)
+
+    # -------------------------------------------------------------------- placement
+
+    def _context(self):
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        from facediff import partitioning  # noqa: PLC0415
+
+        return partitioning.activation_rules(self.mesh)
+
+    def _put_batch(self, x: Any) -> jax.Array:
+        x = jnp.asarray(x)
+        if self.mesh is None:
+            return x
+        from facediff import partitioning  # noqa: PLC0415
+
+        sh = partitioning.batch_sharding(self.mesh, x.ndim)
+        spec0 = sh.spec[0]
+        axes = () if spec0 is None else ((spec0,) if isinstance(spec0, str) else tuple(spec0))
+        size = int(np.prod([self.mesh.shape[a] for a in axes])) if axes else 1
+        if x.shape[0] % size:
+            sh = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        return jax.device_put(x, sh)
 
     # -------------------------------------------------------------------- user API
 
@@ -151,9 +207,10 @@ class TextToImage:
         (as in diffusers); the unconditional prompt is ``negative_prompt`` (empty)."""
         self.latent_shape(1, height, width)
         ids, uids = self.tokenize(prompts, negative_prompt)
-        out = _from_key(self.spec, self.params, jnp.asarray(ids), jnp.asarray(uids), key,
-                             jnp.float32(guidance_scale), height=height, width=width,
-                             num_steps=int(num_steps), guided=guidance_scale > 1.0)
+        with self._context():
+            out = _from_key(self.spec, self.params, self._put_batch(ids), jnp.asarray(uids), key,
+                            jnp.float32(guidance_scale), height=height, width=width,
+                            num_steps=int(num_steps), guided=guidance_scale > 1.0)
         return np.asarray(out)
 
     def from_latents(self, prompts: str | Sequence[str], latents: jax.Array, *, num_steps: int = 50,
@@ -161,19 +218,18 @@ class TextToImage:
         """Like ``__call__`` with a given initial latent x_T (B, h, w, C); returns the
         float images in [0, 1] (before uint8 rounding), for comparisons."""
         ids, uids = self.tokenize(prompts, negative_prompt)
-        images = _from_latents(self.spec, self.params, jnp.asarray(ids), jnp.asarray(uids), jnp.asarray(latents),
-                                    jnp.float32(guidance_scale), num_steps=int(num_steps),
-                                    guided=guidance_scale > 1.0)
+        with self._context():
+            images = _from_latents(self.spec, self.params, self._put_batch(ids), jnp.asarray(uids),
+                                   self._put_batch(latents), jnp.float32(guidance_scale),
+                                   num_steps=int(num_steps), guided=guidance_scale > 1.0)
         return np.asarray(jnp.clip(images / 2 + 0.5, 0.0, 1.0))
 
     def lowered(self, batch: int, *, height: int = 512, width: int = 512, num_steps: int = 50,
                 guided: bool = True):
         """The jitted program lowered for one shape (``.compile()`` it to inspect memory/FLOPs)."""
-        n = self.models.text_config.max_position_embeddings
-        ids = jax.ShapeDtypeStruct((batch, n), jnp.int32)
-        uids = jax.ShapeDtypeStruct((1, n), jnp.int32)
-        return _from_key.lower(self.spec, self.params, ids, uids, jax.random.key(0), jnp.float32(7.5),
-                                    height=height, width=width, num_steps=num_steps, guided=guided)
+        with self._context():
+            return lower(self.spec, self.params, batch, height=height, width=width, num_steps=num_steps,
+                         guided=guided)
 
 
 def save_png(images: np.ndarray, out_dir: str | os.PathLike, prefix: str = "image") -> list[str]:
