@@ -4,6 +4,7 @@ import functools
 import json
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -229,3 +230,24 @@ def test_sd14_parity_full_size():
                       length=77)
   ref = _torch_out(m, x, t, ctx)
   np.testing.assert_allclose(_flax_out(config, params, x, t, ctx), ref, atol=2e-3, rtol=1e-3)
+
+
+def test_remat_same_value_and_gradient():
+  config = U.UNetConfig.tiny(block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
+                             up_block_types=("CrossAttnUpBlock2D",), sample_size=8)
+  params = jax.jit(lambda k: U.init_params(config, k, context_len=3))(jax.random.key(0))
+  params = nn.unbox(params)
+  k1, k2 = jax.random.split(jax.random.key(1))
+  x = jax.random.normal(k1, (2, 8, 8, 4))
+  ctx = jax.random.normal(k2, (2, 3, 32))
+  t = jnp.array([1, 700])
+
+  def loss(p, cfg):
+    return jnp.mean(U.apply_unet(cfg, p, x, t, ctx) ** 2)
+
+  v0, g0 = jax.jit(jax.value_and_grad(functools.partial(loss, cfg=config)))(params)
+  v1, g1 = jax.jit(jax.value_and_grad(functools.partial(loss, cfg=config.replace(remat=True))))(
+      params)
+  np.testing.assert_allclose(v1, v0, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
