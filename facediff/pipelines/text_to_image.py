@@ -156,7 +156,8 @@ class TextToImage:
         self.models = models
         if tokenizer is None:
             if models.tokenizer_path is None:
-                raise ValueError("TextToImage: the model set has no tokenizer folder; pass tokenizer=")
+                raise ValueError("TextToImage: the model set has no tokenizer folder (a CompVis file has none); "
+                                 "pass tokenizer= (CLI: --tokenizer DIR)")
             tokenizer = CLIPTokenizer(models.tokenizer_path, max_length=models.text_config.max_position_embeddings)
         self.tokenizer = tokenizer
         self.spec = _Spec(models.text_config, models.unet_config, models.vae_config,
