@@ -337,3 +337,44 @@ def test_compvis_tables_cover_sd14_shapes():
         if ".resnets." in prefix:
             head = k[len(prefix) + 1:].rsplit(".", 1)[0]
             assert head in resnet_inv, k
+
+
+class _LightningLikeCallback:
+    """Stands for the PyTorch Lightning objects a training .ckpt pickles next to the weights."""
+
+    def __init__(self):
+        self.best_model_path = "/somewhere/last.ckpt"
+
+
+class _Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_compvis_training_ckpt_with_foreign_objects(tmp_path, tiny):
+    """A .ckpt that torch.load(weights_only=True) refuses (foreign classes in the pickle)
+    still loads through the tolerant reader, which runs none of the pickled code, and
+    bfloat16 tensors widen to float32."""
+    folder, pipe = tiny
+    ref, cfgs = _tiny_configs(folder)
+    sd = {k: torch.from_numpy(np.asarray(v)) for k, v in compvis_state_dict(pipe).items()}
+    half_key = "first_stage_model.decoder.conv_out.bias"
+    sd[half_key] = sd[half_key].to(torch.bfloat16)
+    marker = tmp_path / "payload_ran"
+    torch.save({"state_dict": sd, "callbacks": {"ModelCheckpoint": _LightningLikeCallback()},
+                "payload": _Payload(str(marker)), "global_step": 1}, tmp_path / "train.ckpt")
+    with pytest.raises(Exception):
+        torch.load(tmp_path / "train.ckpt", weights_only=True)
+    models = compvis.load_compvis_checkpoint(tmp_path / "train.ckpt", **cfgs)
+    assert not marker.exists()
+    got = common.flatten_params(models.params)
+    want = common.flatten_params(ref.params)
+    assert got.keys() == want.keys()
+    for k in got:
+        if k == "vae/decoder/conv_out/bias":
+            np.testing.assert_array_equal(got[k], sd[half_key].float().numpy())
+        else:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=k)

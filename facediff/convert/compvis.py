@@ -152,6 +152,129 @@ def rename_with_table(state_dict: Mapping[str, np.ndarray], table: Mapping[str, 
     return out, unmapped
 
 
+# ----------------------------------------------------------------------------- reading .ckpt
+
+
+class _Opaque(dict):
+    """Stand-in for any pickled object that is not a tensor or a plain container (e.g.
+    PyTorch Lightning callbacks in a training checkpoint): it swallows its arguments and
+    state, and nothing of the original class is imported or run."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def __setstate__(self, state):
+        self["__state__"] = state
+
+    def append(self, item):
+        self.setdefault("__items__", []).append(item)
+
+    def extend(self, items):
+        self.setdefault("__items__", []).extend(items)
+
+
+_STORAGE_DTYPES = {
+    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+    "BFloat16Storage": "bfloat16", "LongStorage": np.int64, "IntStorage": np.int32,
+    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_, "UntypedStorage": np.uint8,
+}
+
+
+class _StorageType:
+    def __init__(self, name: str):
+        self.name = name
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_):
+    arr = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
+                                          strides=tuple(st * storage.itemsize for st in stride))
+    arr = np.array(arr)
+    if getattr(storage, "_bf16", False):  # bfloat16 bits -> float32
+        arr = (arr.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return arr
+
+
+def read_torch_zip_tolerant(path: str) -> dict:
+    """Reads a torch zip checkpoint (``torch.save`` format) into numpy WITHOUT torch and
+    without running pickled code: tensors are rebuilt from their storages, plain
+    containers are kept, every other class becomes an inert ``_Opaque``. Used for
+    training checkpoints (``sd-v1-4-full-ema.ckpt``-style files) whose pickles name
+    classes ``torch.load(weights_only=True)`` refuses, such as Lightning callbacks."""
+    import collections  # noqa: PLC0415
+    import pickle  # noqa: PLC0415
+    import zipfile  # noqa: PLC0415
+
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+        pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
+        if len(pkl) != 1:
+            raise ValueError(f"{path}: not a torch zip checkpoint (found {len(pkl)} data.pkl entries)")
+        root = pkl[0][: -len("data.pkl")]
+        if root + "byteorder" in names and z.read(root + "byteorder").strip() not in (b"little", b""):
+            raise ValueError(f"{path}: big-endian checkpoints are not supported")
+
+        class _Bf16Array(np.ndarray):
+            _bf16 = True
+
+        def load_storage(pid):
+            kind, stype, key = pid[0], pid[1], pid[2]
+            if kind != "storage" or not isinstance(stype, _StorageType):
+                raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
+            raw = z.read(f"{root}data/{key}")
+            dt = _STORAGE_DTYPES[stype.name]
+            if dt == "bfloat16":
+                return np.frombuffer(raw, np.uint16).view(_Bf16Array)
+            return np.frombuffer(raw, dt)
+
+        class _Unpickler(pickle.Unpickler):
+            def find_class(self, module, name):
+                if module == "collections" and name == "OrderedDict":
+                    return collections.OrderedDict
+                if module == "torch._utils" and name == "_rebuild_tensor_v2":
+                    return _rebuild_tensor
+                if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
+                    return lambda data, *_: data
+                if module == "torch" and name in _STORAGE_DTYPES:
+                    return _StorageType(name)
+                if module == "torch" and name == "Size":
+                    return tuple
+                return _Opaque
+
+            def persistent_load(self, pid):
+                return load_storage(pid)
+
+        with z.open(pkl[0]) as f:
+            obj = _Unpickler(f).load()
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} does not hold a state dict")
+    out = {}
+    for k, v in obj.items():
+        if isinstance(v, np.ndarray):
+            v = np.asarray(v)
+            out[str(k)] = v.astype(np.float32) if v.dtype == np.float16 else v
+    return out
+
+
+def read_checkpoint(path: str) -> dict[str, np.ndarray]:
+    """State dict of a CompVis file: ``.safetensors``, or a torch ``.ckpt`` read with
+    ``torch.load(weights_only=True)`` and, when that refuses the pickle (training
+    checkpoints carry Lightning objects), with ``read_torch_zip_tolerant``."""
+    try:
+        return common.read_state_dict(path)
+    except ValueError as e:
+        import zipfile  # noqa: PLC0415
+
+        if path.endswith(".safetensors") or not zipfile.is_zipfile(path):
+            raise
+        try:
+            return read_torch_zip_tolerant(path)
+        except Exception as e2:  # noqa: BLE001
+            raise ValueError(f"cannot read {path}: {e}; the tolerant reader also failed: {e2}") from e2
+
+
 def split_compvis(state_dict: Mapping[str, np.ndarray], *, use_ema: bool = False, source: str = "checkpoint"
                   ) -> tuple[dict, dict, dict]:
     """Splits a CompVis state dict into its (unet, vae, text encoder) parts, prefixes removed.
@@ -238,7 +361,7 @@ def load_compvis_checkpoint(path: str | os.PathLike, *, unet_config: UNetConfig 
     unet_config = (unet_config or UNetConfig.sd14()).replace(dtype=dtype)
     vae_config = dataclasses.replace(vae_config or VAEConfig.sd14(), dtype=dtype)
     text_config = dataclasses.replace(text_config or CLIPTextConfig.sd14(), dtype=dtype)
-    state = common.read_state_dict(path)
+    state = read_checkpoint(path)
     params = compvis_to_params(state, unet_config, vae_config, text_config, use_ema=use_ema, source=path)
     return SDModels(unet_config, vae_config, text_config, params,
                     tokenizer_path=None if tokenizer_path is None else os.fspath(tokenizer_path),
