@@ -6,6 +6,8 @@ weights into facediff, checks the two outputs agree, then times one forward of e
   * median seconds per forward for both and the ratio facediff / diffusers (target <= 0.8);
   * XLA-counted FLOPs of one forward (compiled cost analysis; about 788 GFLOP at 64x64)
     and the FLOP/s facediff achieves.
+On CPU facediff runs SD's large self-attentions blocked (layers.multi_head_attention);
+diffusers uses PyTorch's fused CPU attention kernel.
 
 Heavy (about 10 GB of memory, minutes on a small CPU): run it by hand, never from tests.
 
@@ -82,7 +84,12 @@ def main():
   t0 = time.perf_counter()
   compiled = fwd.lower(params, x_nhwc, tj, cj).compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
+  # XLA's cost analysis counts a loop body once, so FLOPs are counted on the same math
+  # with the unblocked attention (the blocked CPU attention runs in lax.map loops).
+  flat_cfg = config.replace(attention_impl="xla")
+  fwd_flat = jax.jit(
+      lambda p, x, tt, c: U.UNet2DConditionModel(flat_cfg).apply({"params": p}, x, tt, c))
+  cost = fwd_flat.lower(params, x_nhwc, tj, cj).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
   flops = float(cost.get("flops", float("nan"))) if cost else float("nan")

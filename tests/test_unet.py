@@ -251,3 +251,23 @@ def test_remat_same_value_and_gradient():
   np.testing.assert_allclose(v1, v0, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("impl", ["xla", "blocked"])
+def test_attention_implementations_match_torch_sdpa(impl):
+  from facediff.models import layers
+
+  rng = np.random.default_rng(0)
+  b, lq, lk, h, d = 2, 300, 260, 4, 8  # lq not a multiple of the block: padding path
+  q, k, v = (rng.standard_normal((b, n, h * d)).astype(np.float32) for n in (lq, lk, lk))
+  layers_block = layers._BLOCK_ELEMS
+  layers._BLOCK_ELEMS = 64 * lk  # force several query blocks
+  try:
+    out = jax.jit(functools.partial(layers.multi_head_attention, heads=h, implementation=impl))(
+        q, k, v)
+  finally:
+    layers._BLOCK_ELEMS = layers_block
+  tq, tk, tv = (torch.from_numpy(a).reshape(b, -1, h, d).transpose(1, 2) for a in (q, k, v))
+  ref = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
+  ref = ref.transpose(1, 2).reshape(b, lq, h * d).numpy()
+  np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=1e-5)

@@ -51,9 +51,9 @@ def _init(fn: Callable, axes: Sequence[str | None]) -> Callable:
   return nn.with_logical_partitioning(fn, tuple(axes))
 
 
-# torch's default init for Conv2d/Linear is kaiming_uniform(a=sqrt(5)), i.e.
-# U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both weight and bias. Matching its scale keeps
-# freshly initialised facediff models statistically like freshly initialised diffusers ones.
+# torch's default init for Conv2d/Linear weights is kaiming_uniform(a=sqrt(5)), i.e.
+# U(-1/sqrt(fan_in), 1/sqrt(fan_in)); this matches it (biases here start at zero), so
+# freshly initialised facediff models have diffusers-like activation scales.
 def torch_default_kernel_init() -> Callable:
   return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
@@ -310,6 +310,44 @@ class Upsample2D(nn.Module):
     )(x)
 
 
+# Score blocks of about this many elements (4 MiB in float32) stay in the CPU's cache.
+_BLOCK_ELEMS = 1 << 20
+
+
+def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+  """softmax(q k^T * scale) v, one head and ``cq`` queries at a time (q, k, v: (B, L, H, D)).
+
+  Same result as the plain form; for CPUs, where writing the whole (H, Lq, Lk) score
+  tensor to memory and reading it back several times (max, exp, sum, matmul) costs far
+  more than the arithmetic. Logits, exp and sums in float32.
+  """
+  b, lq, h, d = q.shape
+  lk = k.shape[1]
+  cq = max(8, min(lq, _BLOCK_ELEMS // max(lk, 1)))
+  nq = -(-lq // cq)
+  pad = nq * cq - lq
+  qh = jnp.transpose(q, (0, 2, 1, 3)).reshape(b * h, lq, d)
+  if pad:
+    qh = jnp.pad(qh, ((0, 0), (0, pad), (0, 0)))
+  qh = qh.reshape(b * h, nq, cq, d)
+  kh = jnp.transpose(k, (0, 2, 1, 3)).reshape(b * h, lk, d)
+  vh = jnp.transpose(v, (0, 2, 1, 3)).reshape(b * h, lk, d)
+
+  def one_head(args):
+    qq, kk, vv = args
+
+    def block(qb):
+      s = jnp.einsum("qd,kd->qk", qb, kk, preferred_element_type=jnp.float32) * scale
+      e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
+      o = jnp.einsum("qk,kd->qd", e.astype(vv.dtype), vv, preferred_element_type=jnp.float32)
+      return (o / jnp.sum(e, axis=-1, keepdims=True)).astype(q.dtype)
+
+    return jax.lax.map(block, qq)
+
+  out = jax.lax.map(one_head, (qh, kh, vh)).reshape(b, h, nq * cq, d)[:, :, :lq]
+  return jnp.transpose(out, (0, 2, 1, 3))
+
+
 def multi_head_attention(
     q: jax.Array,
     k: jax.Array,
@@ -318,11 +356,16 @@ def multi_head_attention(
     *,
     mask: jax.Array | None = None,
     causal: bool = False,
+    implementation: str | None = None,
 ) -> jax.Array:
   """softmax(Q K^T / sqrt(d)) V per head, on fused (B, L, heads*d) projections.
 
-  Splits heads, calls ``jax.nn.dot_product_attention`` and merges heads back.
-  ``mask``: boolean, broadcastable to (B, heads, Lq, Lk), True = attend.
+  Splits heads, attends, merges heads back. ``mask``: boolean, broadcastable to
+  (B, heads, Lq, Lk), True = attend. ``implementation``: "xla" =
+  ``jax.nn.dot_product_attention``; "blocked" = query blocks per head (see
+  ``_blocked_attention``; no mask / causal); None = "blocked" on CPU for large
+  unmasked attention (score tensor over 8 Mi elements, e.g. SD's 4096-token
+  self-attention), else "xla". All give the same result up to float rounding.
   """
   b, lq, inner = q.shape
   lk = k.shape[1]
@@ -330,14 +373,22 @@ def multi_head_attention(
   if d * heads != inner:
     raise ValueError(f"attention width {inner} is not divisible by heads={heads}")
   k, v = k.astype(q.dtype), v.astype(q.dtype)
-  out = jax.nn.dot_product_attention(
-      q.reshape(b, lq, heads, d),
-      k.reshape(b, lk, heads, d),
-      v.reshape(b, lk, heads, d),
-      mask=mask,
-      is_causal=causal,
-      scale=1.0 / math.sqrt(d),
-  )
+  q4 = q.reshape(b, lq, heads, d)
+  k4 = k.reshape(b, lk, heads, d)
+  v4 = v.reshape(b, lk, heads, d)
+  if implementation is None:
+    big = b * heads * lq * lk > 8 * _BLOCK_ELEMS
+    implementation = "blocked" if (
+        big and mask is None and not causal and jax.default_backend() == "cpu") else "xla"
+  if implementation == "blocked":
+    if mask is not None or causal:
+      raise ValueError("blocked attention supports neither mask nor causal")
+    out = _blocked_attention(q4, k4, v4, 1.0 / math.sqrt(d))
+  elif implementation == "xla":
+    out = jax.nn.dot_product_attention(
+        q4, k4, v4, mask=mask, is_causal=causal, scale=1.0 / math.sqrt(d))
+  else:
+    raise ValueError(f"unknown attention implementation {implementation!r}")
   return out.reshape(b, lq, inner)
 
 
@@ -351,6 +402,7 @@ class Attention(nn.Module):
   ``causal``: causal self-attention (CLIP's text encoder).
   ``out_features`` defaults to the query width. The key/value kernels' input axis is
   ``cross_embed`` for cross-attention and ``embed`` for self-attention.
+  ``implementation``: see ``multi_head_attention`` (None = automatic).
   """
 
   heads: int
@@ -360,6 +412,7 @@ class Attention(nn.Module):
   out_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  implementation: str | None = None
 
   @nn.compact
   def __call__(
@@ -377,7 +430,8 @@ class Attention(nn.Module):
     q = Dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, name="to_q", **kw)(x)
     k = Dense(inner, (ctx_axis, "heads"), use_bias=self.qkv_bias, name="to_k", **kw)(ctx)
     v = Dense(inner, (ctx_axis, "heads"), use_bias=self.qkv_bias, name="to_v", **kw)(ctx)
-    out = multi_head_attention(q, k, v, self.heads, mask=mask, causal=causal)
+    out = multi_head_attention(q, k, v, self.heads, mask=mask, causal=causal,
+                               implementation=self.implementation)
     return Dense(
         self.out_features or x.shape[-1], ("heads", "embed"), use_bias=self.out_bias,
         name="to_out_0", **kw,

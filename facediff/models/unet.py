@@ -49,6 +49,8 @@ class UNetConfig:
   head width is then channels // heads. ``dtype`` is the compute dtype ("float32" or
   "bfloat16"); parameters are always ``param_dtype`` (float32).
   ``remat``: rematerialise each ResNet / transformer block in the backward pass.
+  ``attention_impl``: None (automatic: blocked attention for large CPU attention, else
+  ``jax.nn.dot_product_attention``), "xla" or "blocked" (layers.multi_head_attention).
   """
 
   in_channels: int = 4
@@ -73,6 +75,7 @@ class UNetConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
+  attention_impl: str | None = None
 
   def __post_init__(self):
     n = len(self.block_out_channels)
@@ -100,6 +103,9 @@ class UNetConfig:
         raise ValueError(
             f"UNetConfig: block_out_channels {c} not divisible by norm_num_groups "
             f"{self.norm_num_groups}")
+    if self.attention_impl not in (None, "xla", "blocked"):
+      raise ValueError(f"UNetConfig.attention_impl must be None, 'xla' or 'blocked', "
+                       f"got {self.attention_impl!r}")
     for f in ("dtype", "param_dtype"):
       if getattr(self, f) not in _DTYPES:
         raise ValueError(f"UNetConfig.{f} must be one of {sorted(_DTYPES)}, got {getattr(self, f)!r}")
@@ -168,6 +174,7 @@ class BasicTransformerBlock(nn.Module):
   dim: int
   heads: int
   dropout: float = 0.0
+  attention_impl: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -175,8 +182,10 @@ class BasicTransformerBlock(nn.Module):
   def __call__(self, x, context, deterministic: bool = True):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     hd = self.dim // self.heads
-    x = x + L.Attention(self.heads, hd, name="attn1", **kw)(L.LayerNorm(1e-5, name="norm1", **kw)(x))
-    x = x + L.Attention(self.heads, hd, name="attn2", **kw)(
+    impl = self.attention_impl
+    x = x + L.Attention(self.heads, hd, implementation=impl, name="attn1", **kw)(
+        L.LayerNorm(1e-5, name="norm1", **kw)(x))
+    x = x + L.Attention(self.heads, hd, implementation=impl, name="attn2", **kw)(
         L.LayerNorm(1e-5, name="norm2", **kw)(x), context)
     x = x + L.FeedForward(self.dim, dropout=self.dropout, name="ff", **kw)(
         L.LayerNorm(1e-5, name="norm3", **kw)(x), deterministic=deterministic)
@@ -194,6 +203,7 @@ class Transformer2D(nn.Module):
   use_linear_projection: bool = False
   dropout: float = 0.0
   remat: bool = False
+  attention_impl: str | None = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -210,8 +220,8 @@ class Transformer2D(nn.Module):
     if self.remat:
       block_cls = nn.remat(block_cls, static_argnums=(3,))
     for i in range(self.num_layers):
-      y = block_cls(self.channels, self.heads, self.dropout, name=f"transformer_blocks_{i}", **kw)(
-          y, context, deterministic)
+      y = block_cls(self.channels, self.heads, self.dropout, self.attention_impl,
+                    name=f"transformer_blocks_{i}", **kw)(y, context, deterministic)
     if self.use_linear_projection:
       y = L.Dense(self.channels, ("heads", "embed"), name="proj_out", **kw)(y).reshape(
           b, h, w, self.channels)
@@ -232,7 +242,8 @@ def _resnet(cfg: UNetConfig, out_channels: int, name: str):
 def _transformer(cfg: UNetConfig, channels: int, heads: int, layers: int, name: str):
   return Transformer2D(
       channels, heads, layers, cfg.norm_num_groups, cfg.use_linear_projection, cfg.dropout,
-      cfg.remat, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, name=name)
+      cfg.remat, cfg.attention_impl, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
+      name=name)
 
 
 def _constrain(x):
