@@ -122,6 +122,11 @@ def config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
     out[f] = lst(getattr(config, f))
   out.update({k: v for k, v in _REQUIRED_DEFAULTS.items()})
   out["upcast_attention"] = False
+  # diffusers' UNet2DConditionModel refuses num_attention_heads; it reads the head count
+  # from attention_head_dim (its legacy naming, which facediff keeps).
+  heads = config.heads_per_block()
+  out["attention_head_dim"] = heads[0] if len(set(heads)) == 1 else list(heads)
+  out["num_attention_heads"] = None
   return out
 
 
