@@ -337,13 +337,16 @@ def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -
   vh = jnp.transpose(v, (0, 2, 1, 3)).reshape(b * h, lk, d)
   vh = jnp.concatenate([vh, jnp.ones_like(vh[..., :1])], axis=-1)  # (.., lk, d + 1)
 
+  qh = qh * jnp.asarray(scale, qh.dtype)  # scale the (cq, d) queries, not the (cq, lk) logits
+  f32 = jnp.float32
+
   def one_head(args):
     qq, kk, vv = args
 
     def block(qb):
-      s = jnp.einsum("qd,kd->qk", qb, kk, preferred_element_type=jnp.float32) * scale
+      s = jnp.einsum("qd,kd->qk", qb, kk, preferred_element_type=f32)
       e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
-      o = jnp.einsum("qk,kd->qd", e.astype(vv.dtype), vv, preferred_element_type=jnp.float32)
+      o = jnp.einsum("qk,kd->qd", e.astype(vv.dtype), vv, preferred_element_type=f32)
       return (o[:, :d] / o[:, d:]).astype(q.dtype)
 
     return jax.lax.map(block, qq)
