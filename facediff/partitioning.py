@@ -13,6 +13,10 @@ A mesh axis is used at most once per array. A dimension not divisible by its mes
 left unsharded and the next rule may claim the axis (so e.g. the UNet's 4-channel conv_out
 kernel is sharded over its 320 input channels instead).
 
+Inside ``activation_rules`` the models pin activations' batch to ``('data', 'fsdp')``; a
+batch that does not divide by data*fsdp still runs (XLA pads it, with a warning about
+rematerialisation) but wastes devices, so use batches that divide.
+
 Typical use::
 
     mesh = make_mesh({"data": 2, "fsdp": -1})

@@ -271,3 +271,20 @@ def test_attention_implementations_match_torch_sdpa(impl):
   ref = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
   ref = ref.transpose(1, 2).reshape(b, lq, h * d).numpy()
   np.testing.assert_allclose(np.asarray(out), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_load_fp16_variant_and_sharded_index(tmp_path):
+  m = _torch_unet(CONFIG_A)
+  m.half().save_pretrained(tmp_path / "half", variant="fp16")
+  config, params = cu.load_unet(tmp_path / "half", variant="fp16")
+  want = cu.convert_unet_state_dict(
+      {k: v.float().numpy() for k, v in m.state_dict().items()}, config)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+    assert a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+  # a checkpoint split in shards with an index file
+  m.float().save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+  assert any(f.endswith(".index.json") for f in os.listdir(tmp_path / "sharded"))
+  _, params2 = cu.load_unet(tmp_path / "sharded")
+  for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(a, b)
