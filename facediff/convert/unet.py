@@ -73,7 +73,8 @@ def _tuplify(v):
   return tuple(_tuplify(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
-def config_from_diffusers(cfg: Mapping[str, Any], source: str = "config", **overrides) -> UNetConfig:
+def config_from_diffusers(cfg: Mapping[str, Any], source: str = "config",
+                          **overrides) -> UNetConfig:
   """UNetConfig from a diffusers UNet2DConditionModel config.json dict.
 
   ``overrides`` set facediff-only fields (dtype, param_dtype, remat)."""
@@ -149,9 +150,10 @@ def unet_params_to_diffusers(params) -> dict[str, np.ndarray]:
 
 
 def _unet_dir(path: str) -> str:
-  if os.path.isfile(os.path.join(path, CONFIG_NAME)) and not os.path.isdir(os.path.join(path, "unet")):
+  has_unet_dir = os.path.isdir(os.path.join(path, "unet"))
+  if os.path.isfile(os.path.join(path, CONFIG_NAME)) and not has_unet_dir:
     return path
-  if os.path.isdir(os.path.join(path, "unet")):
+  if has_unet_dir:
     return os.path.join(path, "unet")
   raise FileNotFoundError(
       f"{path} is neither a diffusers UNet folder (config.json + {WEIGHT_NAME}.*) nor a "

@@ -18,7 +18,7 @@ conv or linear projections. That covers SD 1.x and 2.x UNets.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -108,7 +108,8 @@ class UNetConfig:
                        f"got {self.attention_impl!r}")
     for f in ("dtype", "param_dtype"):
       if getattr(self, f) not in _DTYPES:
-        raise ValueError(f"UNetConfig.{f} must be one of {sorted(_DTYPES)}, got {getattr(self, f)!r}")
+        raise ValueError(
+            f"UNetConfig.{f} must be one of {sorted(_DTYPES)}, got {getattr(self, f)!r}")
     heads = self.heads_per_block()
     for c, h in zip(self.block_out_channels, heads):
       if c % h:
@@ -215,7 +216,8 @@ class Transformer2D(nn.Module):
     if self.use_linear_projection:
       y = L.Dense(self.channels, ("embed", "heads"), name="proj_in", **kw)(y.reshape(b, h * w, c))
     else:
-      y = L.Conv(self.channels, 1, padding=0, name="proj_in", **kw)(y).reshape(b, h * w, self.channels)
+      y = L.Conv(self.channels, 1, padding=0, name="proj_in", **kw)(y)
+      y = y.reshape(b, h * w, self.channels)
     block_cls = BasicTransformerBlock
     if self.remat:
       block_cls = nn.remat(block_cls, static_argnums=(3,))
@@ -226,7 +228,8 @@ class Transformer2D(nn.Module):
       y = L.Dense(self.channels, ("heads", "embed"), name="proj_out", **kw)(y).reshape(
           b, h, w, self.channels)
     else:
-      y = L.Conv(self.channels, 1, padding=0, name="proj_out", **kw)(y.reshape(b, h, w, self.channels))
+      y = L.Conv(self.channels, 1, padding=0, name="proj_out", **kw)(
+          y.reshape(b, h, w, self.channels))
     return y + x.astype(y.dtype)
 
 
@@ -342,7 +345,8 @@ class UNet2DConditionModel(nn.Module):
     if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
       raise ValueError(
           f"UNet sample must be NHWC (B, H, W, {cfg.in_channels}), got shape {sample.shape}")
-    if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != cfg.cross_attention_dim:
+    ctx_shape = encoder_hidden_states.shape
+    if len(ctx_shape) != 3 or ctx_shape[-1] != cfg.cross_attention_dim:
       raise ValueError(
           f"encoder_hidden_states must be (B, L, {cfg.cross_attention_dim}), "
           f"got shape {encoder_hidden_states.shape}")
