@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any, Iterable, Mapping
@@ -329,3 +330,29 @@ def flax_to_torch_generic(
       param = name
     out[flax_path_to_torch_key(path, param, list_names)] = np.ascontiguousarray(v)
   return out
+
+
+def find_weights(folder: str, stems: tuple[str, ...], variant: str | None = None) -> list[str]:
+  """The weight file(s) of one component: ``<stem>[.variant].safetensors`` or ``.bin``,
+  or the shards listed in a ``*.index.json``. Safetensors is preferred."""
+  tried = []
+  for ext in ("safetensors", "bin"):
+    for stem in stems:
+      name = stem if variant is None else f"{stem}.{variant}"
+      single = os.path.join(folder, f"{name}.{ext}")
+      tried.append(os.path.basename(single))
+      if os.path.isfile(single):
+        return [single]
+      index = single + ".index.json"
+      if os.path.isfile(index):
+        try:
+          with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+          raise ValueError(f"cannot read shard index {index}: {e}") from e
+        files = [os.path.join(folder, s) for s in sorted(set(weight_map.values()))]
+        for s in files:
+          if not os.path.isfile(s):
+            raise FileNotFoundError(f"shard {s} listed in {index} does not exist")
+        return files
+  raise FileNotFoundError(f"no weights in {folder}: tried {', '.join(tried)} (and sharded indexes)")

@@ -76,35 +76,9 @@ def _read_json(path: str, what: str) -> dict[str, Any]:
         raise ValueError(f"{what}: cannot read {path}: {e}") from e
 
 
-def find_weights(folder: str, stems: tuple[str, ...], variant: str | None = None) -> list[str]:
-    """The weight file(s) of one component: ``<stem>[.variant].safetensors`` or ``.bin``,
-    or the shards listed in a ``*.index.json``. Safetensors is preferred."""
-    tried = []
-    for ext in ("safetensors", "bin"):
-        for stem in stems:
-            name = stem if variant is None else f"{stem}.{variant}"
-            single = os.path.join(folder, f"{name}.{ext}")
-            tried.append(os.path.basename(single))
-            if os.path.isfile(single):
-                return [single]
-            index = single + ".index.json"
-            if os.path.isfile(index):
-                try:
-                    with open(index) as f:
-                        weight_map = json.load(f)["weight_map"]
-                except (OSError, ValueError, KeyError) as e:
-                    raise ValueError(f"cannot read shard index {index}: {e}") from e
-                files = [os.path.join(folder, s) for s in sorted(set(weight_map.values()))]
-                for s in files:
-                    if not os.path.isfile(s):
-                        raise FileNotFoundError(f"shard {s} listed in {index} does not exist")
-                return files
-    raise FileNotFoundError(f"no weights in {folder}: tried {', '.join(tried)} (and sharded indexes)")
-
-
 def _read_component(folder: str, stems: tuple[str, ...], variant: str | None
                     ) -> tuple[dict[str, np.ndarray], str]:
-    files = find_weights(folder, stems, variant)
+    files = common.find_weights(folder, stems, variant)
     state: dict[str, np.ndarray] = {}
     for fn in files:
         state.update(common.read_state_dict(fn))

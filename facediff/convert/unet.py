@@ -160,25 +160,6 @@ def _unet_dir(path: str) -> str:
       "pipeline folder with a unet/ sub-folder")
 
 
-def _weights_files(folder: str, variant: str | None) -> list[str]:
-  stem = WEIGHT_NAME if variant is None else f"{WEIGHT_NAME}.{variant}"
-  for ext in ("safetensors", "bin"):
-    single = os.path.join(folder, f"{stem}.{ext}")
-    if os.path.isfile(single):
-      return [single]
-    index = os.path.join(folder, f"{stem}.{ext}.index.json")
-    if os.path.isfile(index):
-      try:
-        with open(index) as f:
-          weight_map = json.load(f)["weight_map"]
-      except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"cannot read shard index {index}: {e}") from e
-      return [os.path.join(folder, s) for s in sorted(set(weight_map.values()))]
-  raise FileNotFoundError(
-      f"no UNet weights in {folder}: expected {stem}.safetensors or {stem}.bin "
-      "(or a sharded *.index.json)")
-
-
 def load_unet_config(path: str, **overrides) -> UNetConfig:
   folder = _unet_dir(os.fspath(path))
   cfg_path = os.path.join(folder, CONFIG_NAME)
@@ -195,7 +176,7 @@ def load_unet(path: str | os.PathLike, *, variant: str | None = None,
   """Loads (config, params) from a diffusers pipeline folder or its ``unet/`` folder."""
   folder = _unet_dir(os.fspath(path))
   config = load_unet_config(folder, **config_overrides)
-  files = _weights_files(folder, variant)
+  files = common.find_weights(folder, (WEIGHT_NAME,), variant)
   state: dict[str, np.ndarray] = {}
   for fn in files:
     state.update(common.read_state_dict(fn))
