@@ -219,6 +219,25 @@ def _maybe_clip(x0: jax.Array, clip_sample: float | None) -> jax.Array:
     return x0 if clip_sample is None else jnp.clip(x0, -clip_sample, clip_sample)
 
 
+def _ddpm_update(x, x0, t, a_t, a_prev, z):
+    """Ancestral step: DiffSFSR Eq. 2's posterior with the (strided) step's effective
+    beta = 1 - abar_t / abar_prev, plus sqrt(beta_tilde) noise except at t = 0."""
+    alpha_t = a_t / a_prev
+    beta_t = 1.0 - alpha_t
+    mean = (jnp.sqrt(a_prev) * beta_t / (1.0 - a_t)) * x0 + \
+           (jnp.sqrt(alpha_t) * (1.0 - a_prev) / (1.0 - a_t)) * x
+    var = jnp.maximum((1.0 - a_prev) / (1.0 - a_t) * beta_t, 1e-20)
+    return mean + jnp.where(t > 0, jnp.sqrt(var), 0.0) * z
+
+
+def _ddim_update(eps, x0, a_t, a_prev, z, eta):
+    """DDIM step with stochasticity eta (noise added only when eta > 0)."""
+    var = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
+    std = eta * jnp.sqrt(var)
+    x_new = jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev - std**2) * eps
+    return x_new + std * z if eta > 0 else x_new
+
+
 def _noise_seq(key: jax.Array | None, noise: jax.Array | None, n: int, x: jax.Array,
                needed: bool, method: str) -> jax.Array:
     if noise is not None:
@@ -291,39 +310,20 @@ def sample(eps_fn: EpsFn, schedule: NoiseSchedule, x_T: jax.Array, *, method: st
     noises = _noise_seq(key, noise, n, x_T, stochastic, method)
     i32 = lambda a: jnp.asarray(a, jnp.int32)  # noqa: E731
 
-    if method == "ddpm":
+    if method in ("ddpm", "ddim"):
         xs = (i32(prog.t_model), i32(prog.t_to), noises)
+        last_alpha = 1.0 if method == "ddpm" else final_alpha
 
         def step(x, inp):
             t, t_prev, z = inp
             eps = f(x, jnp.full((batch,), t, jnp.int32))
             a_t = _alpha(schedule, t, 1.0)
-            a_prev = _alpha(schedule, t_prev, 1.0)
-            alpha_t = a_t / a_prev
-            beta_t = 1.0 - alpha_t
+            a_prev = _alpha(schedule, t_prev, last_alpha)
             x0 = _maybe_clip((x - jnp.sqrt(1.0 - a_t) * eps) / jnp.sqrt(a_t), clip_sample)
-            # DiffSFSR Eq. 2 with the strided step's effective beta.
-            mean = (jnp.sqrt(a_prev) * beta_t / (1.0 - a_t)) * x0 + \
-                   (jnp.sqrt(alpha_t) * (1.0 - a_prev) / (1.0 - a_t)) * x
-            var = jnp.maximum((1.0 - a_prev) / (1.0 - a_t) * beta_t, 1e-20)
-            x_new = mean + jnp.where(t > 0, jnp.sqrt(var), 0.0) * z
-            return x_new, x_new
-        x_final, traj = jax.lax.scan(step, x_T, xs)
-
-    elif method == "ddim":
-        xs = (i32(prog.t_model), i32(prog.t_to), noises)
-
-        def step(x, inp):
-            t, t_prev, z = inp
-            eps = f(x, jnp.full((batch,), t, jnp.int32))
-            a_t = _alpha(schedule, t, 1.0)
-            a_prev = _alpha(schedule, t_prev, final_alpha)
-            x0 = _maybe_clip((x - jnp.sqrt(1.0 - a_t) * eps) / jnp.sqrt(a_t), clip_sample)
-            var = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
-            std = eta * jnp.sqrt(var)
-            x_new = jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev - std**2) * eps
-            if eta > 0:
-                x_new = x_new + std * z
+            if method == "ddpm":
+                x_new = _ddpm_update(x, x0, t, a_t, a_prev, z)
+            else:
+                x_new = _ddim_update(eps, x0, a_t, a_prev, z, eta)
             return x_new, x_new
         x_final, traj = jax.lax.scan(step, x_T, xs)
 
