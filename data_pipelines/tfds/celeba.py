@@ -146,7 +146,7 @@ class FacediffCelebamaskHq(common.Builder):
 
     def _info(self):
         cfg = self.builder_config
-        side = None if cfg.image_size is None else cfg.image_size
+        side = cfg.image_size
         return tfds.core.DatasetInfo(
             builder=self, description=__doc__,
             features=tfds.features.FeaturesDict({
