@@ -50,18 +50,26 @@ def main():
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--context-len", type=int, default=77)
   ap.add_argument("--repeats", type=int, default=3)
-  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                  help="facediff compute dtype (diffusers always runs float32)")
+  ap.add_argument(
+    "--dtype",
+    default="float32",
+    choices=["float32", "bfloat16"],
+    help="facediff compute dtype (diffusers always runs float32)",
+  )
   ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
   ap.add_argument("--skip-torch", action="store_true", help="time facediff only")
-  ap.add_argument("--no-ynn", action="store_true",
-                  help="do not add XLA's experimental YNNPACK dot/conv fusion flag")
+  ap.add_argument(
+    "--no-ynn",
+    action="store_true",
+    help="do not add XLA's experimental YNNPACK dot/conv fusion flag",
+  )
   args = ap.parse_args()
   if not args.no_ynn:
     # XLA:CPU's YNNPACK kernels for dot/convolution fusions: about 1.1-1.7x faster convs
     # than its default Eigen ones on an AVX-512 CPU. Set before jax initialises.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               " --xla_cpu_experimental_ynn_fusion_type=dot").strip()
+    os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=dot"
+    ).strip()
 
   import jax
   import jax.numpy as jnp
@@ -74,15 +82,18 @@ def main():
 
   if args.threads:
     torch.set_num_threads(args.threads)
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print(
+    f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+    f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, "
+    f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+  )
 
   import diffusers
 
   torch.manual_seed(0)
   tm = diffusers.UNet2DConditionModel(
-      sample_size=args.size, cross_attention_dim=768, attention_head_dim=8).eval()
+    sample_size=args.size, cross_attention_dim=768, attention_head_dim=8
+  ).eval()
   n_torch = sum(p.numel() for p in tm.parameters())
   config = cu.config_from_diffusers(dict(tm.config), dtype=args.dtype)
   state = {k: v.numpy() for k, v in tm.state_dict().items()}
@@ -106,7 +117,8 @@ def main():
   # with the unblocked attention (the blocked CPU attention runs in lax.map loops).
   flat_cfg = config.replace(attention_impl="xla")
   fwd_flat = jax.jit(
-      lambda p, x, tt, c: U.UNet2DConditionModel(flat_cfg).apply({"params": p}, x, tt, c))
+    lambda p, x, tt, c: U.UNet2DConditionModel(flat_cfg).apply({"params": p}, x, tt, c)
+  )
   cost = fwd_flat.lower(params, x_nhwc, tj, cj).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
@@ -126,15 +138,21 @@ def main():
         jax_all.append(_median_time(run_jax, 1)[0])
         torch_all.append(_median_time(lambda: tm(xt, tt, ct), 1)[0])
     jax_s, torch_s = statistics.median(jax_all), statistics.median(torch_all)
-  print(f"facediff ({args.dtype}): compile {compile_s:.1f} s, forward median {jax_s:.3f} s "
-        f"(runs: {', '.join(f'{v:.3f}' for v in jax_all)})")
-  print(f"XLA-counted FLOPs per forward: {flops / 1e9:.1f} GFLOP; "
-        f"achieved {flops / jax_s / 1e9:.1f} GFLOP/s")
+  print(
+    f"facediff ({args.dtype}): compile {compile_s:.1f} s, forward median {jax_s:.3f} s "
+    f"(runs: {', '.join(f'{v:.3f}' for v in jax_all)})"
+  )
+  print(
+    f"XLA-counted FLOPs per forward: {flops / 1e9:.1f} GFLOP; "
+    f"achieved {flops / jax_s / 1e9:.1f} GFLOP/s"
+  )
   if args.skip_torch:
     return
   err = np.abs(np.asarray(out).transpose(0, 3, 1, 2) - ref).max()
-  print(f"diffusers (float32): forward median {torch_s:.3f} s "
-        f"(runs: {', '.join(f'{v:.3f}' for v in torch_all)})")
+  print(
+    f"diffusers (float32): forward median {torch_s:.3f} s "
+    f"(runs: {', '.join(f'{v:.3f}' for v in torch_all)})"
+  )
   print(f"max |facediff - diffusers| = {err:.2e} (max |eps| {np.abs(ref).max():.2f})")
   print(f"ratio facediff / diffusers = {jax_s / torch_s:.2f} (target <= 0.8)")
 

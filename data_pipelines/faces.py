@@ -34,14 +34,21 @@ import numpy as np
 # insightface's ArcFace template (arcface_dst) for 112x112 crops, in image x, y:
 # left eye, right eye, nose tip, left mouth corner, right mouth corner (as seen).
 ARCFACE_TEMPLATE_112 = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
-     [41.5493, 92.3655], [70.7299, 92.2041]], np.float64)
+  [
+    [38.2946, 51.6963],
+    [73.5318, 51.5014],
+    [56.0252, 71.7366],
+    [41.5493, 92.3655],
+    [70.7299, 92.2041],
+  ],
+  np.float64,
+)
 
 CROP_KINDS = ("arcface112", "dlib150", "facenet160", "fer64", "image")
 
 # 68-point (iBUG 300-W) index groups.
 JAW = tuple(range(0, 17))
-LEFT_EYE = tuple(range(36, 42))   # as seen in the image
+LEFT_EYE = tuple(range(36, 42))  # as seen in the image
 RIGHT_EYE = tuple(range(42, 48))
 NOSE_TIP = 30
 MOUTH_OUTER = tuple(range(48, 60))
@@ -49,239 +56,259 @@ MOUTH_INNER = tuple(range(60, 68))
 
 
 class FaceModelError(FileNotFoundError):
-    """A face model file is missing or unreadable."""
+  """A face model file is missing or unreadable."""
 
 
 def models_dir() -> str:
-    """Folder of face-recognition-models' ``.dat`` files (without importing it)."""
-    spec = importlib.util.find_spec("face_recognition_models")
-    if spec is None or not spec.origin:
-        raise FaceModelError(
-            "package face_recognition_models is not installed (pip install "
-            "face-recognition-models); it ships dlib's detector, shape predictor and "
-            "face-recognition weights")
-    return os.path.join(os.path.dirname(spec.origin), "models")
+  """Folder of face-recognition-models' ``.dat`` files (without importing it)."""
+  spec = importlib.util.find_spec("face_recognition_models")
+  if spec is None or not spec.origin:
+    raise FaceModelError(
+      "package face_recognition_models is not installed (pip install "
+      "face-recognition-models); it ships dlib's detector, shape predictor and "
+      "face-recognition weights"
+    )
+  return os.path.join(os.path.dirname(spec.origin), "models")
 
 
 def model_path(filename: str) -> str:
-    path = os.path.join(models_dir(), filename)
-    if not os.path.exists(path):
-        raise FaceModelError(f"{path}: missing face model file")
-    return path
+  path = os.path.join(models_dir(), filename)
+  if not os.path.exists(path):
+    raise FaceModelError(f"{path}: missing face model file")
+  return path
 
 
-SHAPE_PREDICTORS = {68: "shape_predictor_68_face_landmarks.dat",
-                    5: "shape_predictor_5_face_landmarks.dat"}
+SHAPE_PREDICTORS = {
+  68: "shape_predictor_68_face_landmarks.dat",
+  5: "shape_predictor_5_face_landmarks.dat",
+}
 CNN_DETECTOR = "mmod_human_face_detector.dat"
 DLIB_RESNET = "dlib_face_recognition_resnet_model_v1.dat"
 
 
 @dataclasses.dataclass
 class Detection:
-    rect: tuple[int, int, int, int]  # left, top, right, bottom (dlib, inclusive)
-    score: float
+  rect: tuple[int, int, int, int]  # left, top, right, bottom (dlib, inclusive)
+  score: float
 
 
 class FaceDetector:
-    """dlib HOG frontal detector (default) or the CNN mmod detector."""
+  """dlib HOG frontal detector (default) or the CNN mmod detector."""
 
-    def __init__(self, method: str = "hog", upsample: int = 1, model: str | None = None):
-        import dlib
+  def __init__(self, method: str = "hog", upsample: int = 1, model: str | None = None):
+    import dlib
 
-        self.method, self.upsample = method, int(upsample)
-        if method == "hog":
-            self._det = dlib.get_frontal_face_detector()
-        elif method == "cnn":
-            self._det = dlib.cnn_face_detection_model_v1(model or model_path(CNN_DETECTOR))
-        else:
-            raise ValueError(f"face detector {method!r}: expected 'hog' or 'cnn'")
+    self.method, self.upsample = method, int(upsample)
+    if method == "hog":
+      self._det = dlib.get_frontal_face_detector()
+    elif method == "cnn":
+      self._det = dlib.cnn_face_detection_model_v1(model or model_path(CNN_DETECTOR))
+    else:
+      raise ValueError(f"face detector {method!r}: expected 'hog' or 'cnn'")
 
-    def __call__(self, image: np.ndarray) -> list[Detection]:
-        image = _as_rgb(image)
-        if self.method == "hog":
-            rects, scores, _ = self._det.run(image, self.upsample, 0.0)
-            out = [Detection(_rect(r), float(s)) for r, s in zip(rects, scores)]
-        else:
-            out = [Detection(_rect(d.rect), float(d.confidence))
-                   for d in self._det(image, self.upsample)]
-        return sorted(out, key=lambda d: -d.score)
+  def __call__(self, image: np.ndarray) -> list[Detection]:
+    image = _as_rgb(image)
+    if self.method == "hog":
+      rects, scores, _ = self._det.run(image, self.upsample, 0.0)
+      out = [Detection(_rect(r), float(s)) for r, s in zip(rects, scores)]
+    else:
+      out = [Detection(_rect(d.rect), float(d.confidence)) for d in self._det(image, self.upsample)]
+    return sorted(out, key=lambda d: -d.score)
 
 
 class LandmarkPredictor:
-    """dlib shape predictor with 68 (default) or 5 points."""
+  """dlib shape predictor with 68 (default) or 5 points."""
 
-    def __init__(self, points: int = 68, model: str | None = None):
-        import dlib
+  def __init__(self, points: int = 68, model: str | None = None):
+    import dlib
 
-        if points not in SHAPE_PREDICTORS:
-            raise ValueError(f"shape predictor with {points} points: expected 5 or 68")
-        self.points = points
-        self._sp = dlib.shape_predictor(model or model_path(SHAPE_PREDICTORS[points]))
+    if points not in SHAPE_PREDICTORS:
+      raise ValueError(f"shape predictor with {points} points: expected 5 or 68")
+    self.points = points
+    self._sp = dlib.shape_predictor(model or model_path(SHAPE_PREDICTORS[points]))
 
-    def shape(self, image: np.ndarray, rect: Sequence[int]):
-        import dlib
+  def shape(self, image: np.ndarray, rect: Sequence[int]):
+    import dlib
 
-        return self._sp(_as_rgb(image), dlib.rectangle(*map(int, rect)))
+    return self._sp(_as_rgb(image), dlib.rectangle(*map(int, rect)))
 
-    def __call__(self, image: np.ndarray, rect: Sequence[int]) -> np.ndarray:
-        s = self.shape(image, rect)
-        return np.array([[p.x, p.y] for p in s.parts()], np.float32)
+  def __call__(self, image: np.ndarray, rect: Sequence[int]) -> np.ndarray:
+    s = self.shape(image, rect)
+    return np.array([[p.x, p.y] for p in s.parts()], np.float32)
 
 
 def five_points(landmarks68: np.ndarray) -> np.ndarray:
-    """ArcFace's five points from 68 landmarks: eye centres, nose tip, mouth corners."""
-    lm = np.asarray(landmarks68, np.float64)
-    return np.stack([lm[list(LEFT_EYE)].mean(0), lm[list(RIGHT_EYE)].mean(0),
-                     lm[NOSE_TIP], lm[48], lm[54]])
+  """ArcFace's five points from 68 landmarks: eye centres, nose tip, mouth corners."""
+  lm = np.asarray(landmarks68, np.float64)
+  return np.stack(
+    [lm[list(LEFT_EYE)].mean(0), lm[list(RIGHT_EYE)].mean(0), lm[NOSE_TIP], lm[48], lm[54]]
+  )
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity (rotation, uniform scale, translation) src -> dst.
+  """Least-squares similarity (rotation, uniform scale, translation) src -> dst.
 
-    Umeyama (1991), Eq. 40-42, for 2-D points; returns the 2x3 matrix M with
-    dst ~ M @ [x, y, 1].
-    """
-    src = np.asarray(src, np.float64)
-    dst = np.asarray(dst, np.float64)
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    xs, xd = src - mu_s, dst - mu_d
-    var_s = (xs ** 2).sum() / len(src)
-    cov = xd.T @ xs / len(src)
-    u, d, vt = np.linalg.svd(cov)
-    s = np.eye(2)
-    if np.linalg.det(u) * np.linalg.det(vt) < 0:
-        s[1, 1] = -1.0
-    r = u @ s @ vt
-    scale = float(np.trace(np.diag(d) @ s) / var_s)
-    t = mu_d - scale * r @ mu_s
-    return np.concatenate([scale * r, t[:, None]], axis=1)
+  Umeyama (1991), Eq. 40-42, for 2-D points; returns the 2x3 matrix M with
+  dst ~ M @ [x, y, 1].
+  """
+  src = np.asarray(src, np.float64)
+  dst = np.asarray(dst, np.float64)
+  mu_s, mu_d = src.mean(0), dst.mean(0)
+  xs, xd = src - mu_s, dst - mu_d
+  var_s = (xs**2).sum() / len(src)
+  cov = xd.T @ xs / len(src)
+  u, d, vt = np.linalg.svd(cov)
+  s = np.eye(2)
+  if np.linalg.det(u) * np.linalg.det(vt) < 0:
+    s[1, 1] = -1.0
+  r = u @ s @ vt
+  scale = float(np.trace(np.diag(d) @ s) / var_s)
+  t = mu_d - scale * r @ mu_s
+  return np.concatenate([scale * r, t[:, None]], axis=1)
 
 
 def apply_affine(m: np.ndarray, points: np.ndarray) -> np.ndarray:
-    pts = np.asarray(points, np.float64)
-    return (pts @ m[:, :2].T + m[:, 2]).astype(np.float32)
+  pts = np.asarray(points, np.float64)
+  return (pts @ m[:, :2].T + m[:, 2]).astype(np.float32)
 
 
 def square_box_transform(center: Sequence[float], side: float, size: int) -> np.ndarray:
-    """2x3 matrix mapping an axis-aligned square (centre, side) onto size x size."""
-    s = size / float(side)
-    cx, cy = center
-    return np.array([[s, 0.0, size / 2.0 - s * cx], [0.0, s, size / 2.0 - s * cy]])
+  """2x3 matrix mapping an axis-aligned square (centre, side) onto size x size."""
+  s = size / float(side)
+  cx, cy = center
+  return np.array([[s, 0.0, size / 2.0 - s * cx], [0.0, s, size / 2.0 - s * cy]])
 
 
 def warp(image: np.ndarray, m: np.ndarray, size: int, border: str = "constant") -> np.ndarray:
-    import cv2
+  import cv2
 
-    mode = {"constant": cv2.BORDER_CONSTANT, "reflect": cv2.BORDER_REFLECT_101,
-            "replicate": cv2.BORDER_REPLICATE}[border]
-    return cv2.warpAffine(image, m.astype(np.float64), (size, size), flags=cv2.INTER_LINEAR,
-                          borderMode=mode, borderValue=0)
+  mode = {
+    "constant": cv2.BORDER_CONSTANT,
+    "reflect": cv2.BORDER_REFLECT_101,
+    "replicate": cv2.BORDER_REPLICATE,
+  }[border]
+  return cv2.warpAffine(
+    image,
+    m.astype(np.float64),
+    (size, size),
+    flags=cv2.INTER_LINEAR,
+    borderMode=mode,
+    borderValue=0,
+  )
 
 
 @dataclasses.dataclass
 class Crop:
-    image: np.ndarray
-    matrix: np.ndarray | None  # 2x3, original -> crop; None for dlib's chip
-    landmarks: np.ndarray | None  # (68, 2) in crop coordinates
+  image: np.ndarray
+  matrix: np.ndarray | None  # 2x3, original -> crop; None for dlib's chip
+  landmarks: np.ndarray | None  # (68, 2) in crop coordinates
 
 
 @dataclasses.dataclass
 class FaceResult:
-    """What the aligner found in one image."""
+  """What the aligner found in one image."""
 
-    num_faces: int
-    detection: Detection | None = None
-    landmarks68: np.ndarray | None = None  # (68, 2) float32, original image coords
-    crops: dict[str, Crop] = dataclasses.field(default_factory=dict)
-    source: np.ndarray | None = None  # the original RGB image (for encoders' own crops)
+  num_faces: int
+  detection: Detection | None = None
+  landmarks68: np.ndarray | None = None  # (68, 2) float32, original image coords
+  crops: dict[str, Crop] = dataclasses.field(default_factory=dict)
+  source: np.ndarray | None = None  # the original RGB image (for encoders' own crops)
 
 
 class FaceAligner:
-    """Detect, predict 68 landmarks, and cut the requested crop kinds.
+  """Detect, predict 68 landmarks, and cut the requested crop kinds.
 
-    Crops are made only when exactly one face is found; ``num_faces`` tells the
-    caller what happened otherwise.
-    """
+  Crops are made only when exactly one face is found; ``num_faces`` tells the
+  caller what happened otherwise.
+  """
 
-    def __init__(self, crops: Sequence[str] = ("image",), *, image_size: int = 256,
-                 image_scale: float = 1.8, image_shift: float = 0.12,
-                 detector: FaceDetector | None = None,
-                 predictor: LandmarkPredictor | None = None,
-                 facenet_margin: float = 14.0, fer_offset: float = 0.1):
-        unknown = [c for c in crops if c not in CROP_KINDS]
-        if unknown:
-            raise ValueError(f"unknown crop kind(s) {unknown}; known: {list(CROP_KINDS)}")
-        self.kinds = tuple(dict.fromkeys(crops))
-        self.image_size, self.image_scale, self.image_shift = image_size, image_scale, image_shift
-        self.facenet_margin, self.fer_offset = facenet_margin, fer_offset
-        self.detector = detector or FaceDetector()
-        self.predictor = predictor or LandmarkPredictor(68)
-        if self.predictor.points != 68:
-            raise ValueError("FaceAligner needs the 68-point shape predictor")
+  def __init__(
+    self,
+    crops: Sequence[str] = ("image",),
+    *,
+    image_size: int = 256,
+    image_scale: float = 1.8,
+    image_shift: float = 0.12,
+    detector: FaceDetector | None = None,
+    predictor: LandmarkPredictor | None = None,
+    facenet_margin: float = 14.0,
+    fer_offset: float = 0.1,
+  ):
+    unknown = [c for c in crops if c not in CROP_KINDS]
+    if unknown:
+      raise ValueError(f"unknown crop kind(s) {unknown}; known: {list(CROP_KINDS)}")
+    self.kinds = tuple(dict.fromkeys(crops))
+    self.image_size, self.image_scale, self.image_shift = image_size, image_scale, image_shift
+    self.facenet_margin, self.fer_offset = facenet_margin, fer_offset
+    self.detector = detector or FaceDetector()
+    self.predictor = predictor or LandmarkPredictor(68)
+    if self.predictor.points != 68:
+      raise ValueError("FaceAligner needs the 68-point shape predictor")
 
-    def __call__(self, image: np.ndarray) -> FaceResult:
-        image = _as_rgb(image)
-        dets = self.detector(image)
-        if len(dets) != 1:
-            return FaceResult(num_faces=len(dets))
-        det = dets[0]
-        shape = self.predictor.shape(image, det.rect)
-        lm = np.array([[p.x, p.y] for p in shape.parts()], np.float32)
-        res = FaceResult(num_faces=1, detection=det, landmarks68=lm, source=image)
-        for kind in self.kinds:
-            res.crops[kind] = self.crop(image, kind, det, lm, shape)
-        return res
+  def __call__(self, image: np.ndarray) -> FaceResult:
+    image = _as_rgb(image)
+    dets = self.detector(image)
+    if len(dets) != 1:
+      return FaceResult(num_faces=len(dets))
+    det = dets[0]
+    shape = self.predictor.shape(image, det.rect)
+    lm = np.array([[p.x, p.y] for p in shape.parts()], np.float32)
+    res = FaceResult(num_faces=1, detection=det, landmarks68=lm, source=image)
+    for kind in self.kinds:
+      res.crops[kind] = self.crop(image, kind, det, lm, shape)
+    return res
 
-    def crop(self, image, kind, det, lm, shape=None) -> Crop:
-        if kind == "dlib150":
-            import dlib
+  def crop(self, image, kind, det, lm, shape=None) -> Crop:
+    if kind == "dlib150":
+      import dlib
 
-            if shape is None:
-                shape = dlib.full_object_detection(
-                    dlib.rectangle(*map(int, det.rect)),
-                    [dlib.point(int(round(x)), int(round(y))) for x, y in lm])
-            chip = dlib.get_face_chip(image, shape, size=150, padding=0.25)
-            return Crop(np.asarray(chip), None, None)
-        if kind == "arcface112":
-            m = similarity_transform(five_points(lm), ARCFACE_TEMPLATE_112)
-            return Crop(warp(image, m, 112), m, apply_affine(m, lm))
-        if kind == "facenet160":
-            l, t, r, b = det.rect
-            side = max(r - l, b - t)
-            side = side * (1.0 + self.facenet_margin / (160.0 - self.facenet_margin))
-            m = square_box_transform(((l + r) / 2.0, (t + b) / 2.0), side, 160)
-            return Crop(warp(image, m, 160, "replicate"), m, apply_affine(m, lm))
-        if kind == "fer64":
-            import cv2
+      if shape is None:
+        shape = dlib.full_object_detection(
+          dlib.rectangle(*map(int, det.rect)),
+          [dlib.point(int(round(x)), int(round(y))) for x, y in lm],
+        )
+      chip = dlib.get_face_chip(image, shape, size=150, padding=0.25)
+      return Crop(np.asarray(chip), None, None)
+    if kind == "arcface112":
+      m = similarity_transform(five_points(lm), ARCFACE_TEMPLATE_112)
+      return Crop(warp(image, m, 112), m, apply_affine(m, lm))
+    if kind == "facenet160":
+      l, t, r, b = det.rect
+      side = max(r - l, b - t)
+      side = side * (1.0 + self.facenet_margin / (160.0 - self.facenet_margin))
+      m = square_box_transform(((l + r) / 2.0, (t + b) / 2.0), side, 160)
+      return Crop(warp(image, m, 160, "replicate"), m, apply_affine(m, lm))
+    if kind == "fer64":
+      import cv2
 
-            l, t, r, b = det.rect
-            side = max(r - l, b - t) * (1.0 + 2.0 * self.fer_offset)
-            m = square_box_transform(((l + r) / 2.0, (t + b) / 2.0), side, 64)
-            grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
-            return Crop(warp(grey, m, 64, "replicate"), m, apply_affine(m, lm))
-        if kind == "image":
-            m = self.image_transform(lm)
-            return Crop(warp(image, m, self.image_size, "reflect"), m, apply_affine(m, lm))
-        raise ValueError(f"unknown crop kind {kind!r}; known: {list(CROP_KINDS)}")
+      l, t, r, b = det.rect
+      side = max(r - l, b - t) * (1.0 + 2.0 * self.fer_offset)
+      m = square_box_transform(((l + r) / 2.0, (t + b) / 2.0), side, 64)
+      grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+      return Crop(warp(grey, m, 64, "replicate"), m, apply_affine(m, lm))
+    if kind == "image":
+      m = self.image_transform(lm)
+      return Crop(warp(image, m, self.image_size, "reflect"), m, apply_affine(m, lm))
+    raise ValueError(f"unknown crop kind {kind!r}; known: {list(CROP_KINDS)}")
 
-    def image_transform(self, lm: np.ndarray) -> np.ndarray:
-        lo, hi = lm.min(0), lm.max(0)
-        side = float(max(hi - lo)) * self.image_scale
-        cx, cy = (lo + hi) / 2.0
-        # the 68 points stop at the eyebrows: move the centre up towards the forehead
-        return square_box_transform((cx, cy - self.image_shift * side), side, self.image_size)
+  def image_transform(self, lm: np.ndarray) -> np.ndarray:
+    lo, hi = lm.min(0), lm.max(0)
+    side = float(max(hi - lo)) * self.image_scale
+    cx, cy = (lo + hi) / 2.0
+    # the 68 points stop at the eyebrows: move the centre up towards the forehead
+    return square_box_transform((cx, cy - self.image_shift * side), side, self.image_size)
 
 
 def _rect(r) -> tuple[int, int, int, int]:
-    return (int(r.left()), int(r.top()), int(r.right()), int(r.bottom()))
+  return (int(r.left()), int(r.top()), int(r.right()), int(r.bottom()))
 
 
 def _as_rgb(image: np.ndarray) -> np.ndarray:
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image, got dtype {image.dtype}")
-    if image.ndim == 2:
-        image = np.repeat(image[..., None], 3, axis=-1)
-    if image.ndim != 3 or image.shape[-1] not in (3, 4):
-        raise ValueError(f"expected an HxWx3 RGB image, got shape {image.shape}")
-    return np.ascontiguousarray(image[..., :3])
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ValueError(f"expected a uint8 image, got dtype {image.dtype}")
+  if image.ndim == 2:
+    image = np.repeat(image[..., None], 3, axis=-1)
+  if image.ndim != 3 or image.shape[-1] not in (3, 4):
+    raise ValueError(f"expected an HxWx3 RGB image, got shape {image.shape}")
+  return np.ascontiguousarray(image[..., :3])

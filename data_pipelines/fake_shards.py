@@ -22,71 +22,84 @@ DEFAULT_EMBEDDINGS = {"id_dlib": 128, "exp_fer": 7}
 
 
 def image_colour(index: int) -> np.ndarray:
-    return np.array([index % 251, (3 * index) % 251, (7 * index) % 251], np.uint8)
+  return np.array([index % 251, (3 * index) % 251, (7 * index) % 251], np.uint8)
 
 
 def embedding_value(index: int, dim: int) -> np.ndarray:
-    return (index + np.arange(dim, dtype=np.float64) / 1000.0).astype(np.float32)
+  return (index + np.arange(dim, dtype=np.float64) / 1000.0).astype(np.float32)
 
 
 def face_mask(size: int) -> np.ndarray:
-    m = np.zeros((size, size), np.uint8)
-    q = size // 4
-    m[q:size - q, q:size - q] = 1
-    return m
+  m = np.zeros((size, size), np.uint8)
+  q = size // 4
+  m[q : size - q, q : size - q] = 1
+  return m
 
 
 def _photo(index: int, size: int) -> np.ndarray:
-    from skimage import data  # a real portrait: PNG size and decode time like a face crop
-    img = cv2.resize(data.astronaut(), (size, size), interpolation=cv2.INTER_AREA)
-    return np.roll(img, index % size, axis=1)
+  from skimage import data  # a real portrait: PNG size and decode time like a face crop
+
+  img = cv2.resize(data.astronaut(), (size, size), interpolation=cv2.INTER_AREA)
+  return np.roll(img, index % size, axis=1)
 
 
-def make_example(index: int, size: int, embeddings: Mapping[str, int],
-                 latent_shape: tuple[int, ...] | None, image: str = "flat") -> dict:
-    """One record; ``image`` is "flat" (colour coding the index) or "photo"."""
-    if image == "photo":
-        img = _photo(index, size)
-    elif image == "flat":
-        img = np.broadcast_to(image_colour(index), (size, size, 3)).copy()
-    else:
-        raise ValueError(f"image={image!r}: expected 'flat' or 'photo'")
-    ok, png = cv2.imencode(".png", img[..., ::-1])  # cv2 writes BGR
-    assert ok
-    ex = {"image": png.tobytes(), "mask": face_mask(size), "key": f"{index:06d}"}
-    for name, dim in embeddings.items():
-        ex[name] = embedding_value(index, dim)
-    if latent_shape is not None:
-        ex["latent"] = np.full(latent_shape, index, np.float32)
-    return ex
+def make_example(
+  index: int,
+  size: int,
+  embeddings: Mapping[str, int],
+  latent_shape: tuple[int, ...] | None,
+  image: str = "flat",
+) -> dict:
+  """One record; ``image`` is "flat" (colour coding the index) or "photo"."""
+  if image == "photo":
+    img = _photo(index, size)
+  elif image == "flat":
+    img = np.broadcast_to(image_colour(index), (size, size, 3)).copy()
+  else:
+    raise ValueError(f"image={image!r}: expected 'flat' or 'photo'")
+  ok, png = cv2.imencode(".png", img[..., ::-1])  # cv2 writes BGR
+  assert ok
+  ex = {"image": png.tobytes(), "mask": face_mask(size), "key": f"{index:06d}"}
+  for name, dim in embeddings.items():
+    ex[name] = embedding_value(index, dim)
+  if latent_shape is not None:
+    ex["latent"] = np.full(latent_shape, index, np.float32)
+  return ex
 
 
-def write_dataset(folder: str, num_records: int, *, image_size: int = 16,
-                  records_per_shard: int = 16,
-                  embeddings: Mapping[str, int] = DEFAULT_EMBEDDINGS,
-                  latent_shape: tuple[int, ...] | None = (2, 2, 4),
-                  image: str = "flat") -> records.Manifest:
-    """Writes ``num_records`` records into shards of ``folder`` plus its manifest."""
-    os.makedirs(folder, exist_ok=True)
-    fields = {
-        "image": records.FieldSpec("bytes", [image_size, image_size, 3], "png", "1"),
-        "mask": records.FieldSpec("uint8", [image_size, image_size], "fake_mask", "1"),
-    }
-    for name, dim in embeddings.items():
-        fields[name] = records.FieldSpec("float32", [dim], name, "1")
-    if latent_shape is not None:
-        fields["latent"] = records.FieldSpec("float32", list(latent_shape), "fake_vae", "1")
-    shards = []
-    for k, start in enumerate(range(0, num_records, records_per_shard)):
-        stop = min(start + records_per_shard, num_records)
-        name = f"shard-{k:05d}.array_record"
-        writer = ArrayRecordWriter(os.path.join(folder, name), "group_size:1")
-        for i in range(start, stop):
-            writer.write(records.encode_record(
-                make_example(i, image_size, embeddings, latent_shape, image)))
-        writer.close()
-        shards.append(records.ShardInfo(name, stop - start))
-    manifest = records.Manifest(fields=fields, shards=shards, source="fake",
-                                counters={"written": num_records})
-    manifest.save(folder)
-    return manifest
+def write_dataset(
+  folder: str,
+  num_records: int,
+  *,
+  image_size: int = 16,
+  records_per_shard: int = 16,
+  embeddings: Mapping[str, int] = DEFAULT_EMBEDDINGS,
+  latent_shape: tuple[int, ...] | None = (2, 2, 4),
+  image: str = "flat",
+) -> records.Manifest:
+  """Writes ``num_records`` records into shards of ``folder`` plus its manifest."""
+  os.makedirs(folder, exist_ok=True)
+  fields = {
+    "image": records.FieldSpec("bytes", [image_size, image_size, 3], "png", "1"),
+    "mask": records.FieldSpec("uint8", [image_size, image_size], "fake_mask", "1"),
+  }
+  for name, dim in embeddings.items():
+    fields[name] = records.FieldSpec("float32", [dim], name, "1")
+  if latent_shape is not None:
+    fields["latent"] = records.FieldSpec("float32", list(latent_shape), "fake_vae", "1")
+  shards = []
+  for k, start in enumerate(range(0, num_records, records_per_shard)):
+    stop = min(start + records_per_shard, num_records)
+    name = f"shard-{k:05d}.array_record"
+    writer = ArrayRecordWriter(os.path.join(folder, name), "group_size:1")
+    for i in range(start, stop):
+      writer.write(
+        records.encode_record(make_example(i, image_size, embeddings, latent_shape, image))
+      )
+    writer.close()
+    shards.append(records.ShardInfo(name, stop - start))
+  manifest = records.Manifest(
+    fields=fields, shards=shards, source="fake", counters={"written": num_records}
+  )
+  manifest.save(folder)
+  return manifest

@@ -74,124 +74,129 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def _get(data_cfg, key: str, default: Any = None) -> Any:
-    """``data_cfg.get`` that also works for plain mappings and missing keys."""
-    try:
-        value = data_cfg[key]
-    except (KeyError, AttributeError):
-        return default
-    return default if value is None else value
+  """``data_cfg.get`` that also works for plain mappings and missing keys."""
+  try:
+    value = data_cfg[key]
+  except (KeyError, AttributeError):
+    return default
+  return default if value is None else value
 
 
 def _require(data_cfg, key: str) -> Any:
-    value = _get(data_cfg, key)
-    if value is None:
-        raise KeyError(f"config.data.{key} is required by data_pipelines.loaders")
-    return value
+  value = _get(data_cfg, key)
+  if value is None:
+    raise KeyError(f"config.data.{key} is required by data_pipelines.loaders")
+  return value
 
 
 def expected_fields(data_cfg) -> dict[str, int | None]:
-    """Fields the config needs from the manifest -> expected last dim (None: any)."""
-    id_fields = list(_require(data_cfg, "id_fields"))
-    id_dims = _get(data_cfg, "id_dims")
-    if id_dims is not None and len(id_dims) != len(id_fields):
-        raise ValueError(f"config.data.id_dims {list(id_dims)} and config.data.id_fields "
-                         f"{id_fields} have different lengths")
-    out: dict[str, int | None] = {
-        _get(data_cfg, "image_field", "image"): None,
-        _get(data_cfg, "mask_field", "mask"): None,
-    }
-    for i, f in enumerate(id_fields):
-        out[f] = None if id_dims is None else int(id_dims[i])
-    out[_require(data_cfg, "exp_field")] = _get(data_cfg, "exp_dim")
-    latent = _get(data_cfg, "latent_field", "")
-    if latent:
-        out[latent] = _get(data_cfg, "latent_channels")
-    return out
+  """Fields the config needs from the manifest -> expected last dim (None: any)."""
+  id_fields = list(_require(data_cfg, "id_fields"))
+  id_dims = _get(data_cfg, "id_dims")
+  if id_dims is not None and len(id_dims) != len(id_fields):
+    raise ValueError(
+      f"config.data.id_dims {list(id_dims)} and config.data.id_fields "
+      f"{id_fields} have different lengths"
+    )
+  out: dict[str, int | None] = {
+    _get(data_cfg, "image_field", "image"): None,
+    _get(data_cfg, "mask_field", "mask"): None,
+  }
+  for i, f in enumerate(id_fields):
+    out[f] = None if id_dims is None else int(id_dims[i])
+  out[_require(data_cfg, "exp_field")] = _get(data_cfg, "exp_dim")
+  latent = _get(data_cfg, "latent_field", "")
+  if latent:
+    out[latent] = _get(data_cfg, "latent_channels")
+  return out
 
 
 def host_batch_size(global_batch_size: int, process_count: int) -> int:
-    """Per-host batch: the global batch split evenly over the processes."""
-    if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(
-            f"config.data.global_batch_size={global_batch_size} is not a positive "
-            f"multiple of the process count {process_count}")
-    return global_batch_size // process_count
+  """Per-host batch: the global batch split evenly over the processes."""
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(
+      f"config.data.global_batch_size={global_batch_size} is not a positive "
+      f"multiple of the process count {process_count}"
+    )
+  return global_batch_size // process_count
 
 
 # ----------------------------------------------------------------------------- source
 
 
 def open_source(data_cfg) -> tuple[grain.sources.ArrayRecordDataSource, records.Manifest]:
-    """Opens the shards of ``data.path`` after checking the manifest against the config.
+  """Opens the shards of ``data.path`` after checking the manifest against the config.
 
-    Fails at once (before any step) if the folder has no manifest, lacks a field the
-    config needs, has another embedding dimension than the config expects, or if a
-    shard is missing or holds another number of records than the manifest says.
-    """
-    folder = os.fspath(_require(data_cfg, "path"))
-    manifest = records.Manifest.load(folder)
-    manifest.check_fields(expected_fields(data_cfg), folder=folder)
-    latent = _get(data_cfg, "latent_field", "")
-    if latent:
-        shape = list(manifest.fields[latent].shape)
-        side = int(_require(data_cfg, "image_size")) // int(_get(data_cfg, "latent_downsample", 8))
-        if len(shape) != 3 or shape[0] != side or shape[1] != side:
-            raise RecordError(
-                f"{os.path.join(folder, records.MANIFEST)}: field {latent!r} has shape "
-                f"{shape}, the config expects ({side}, {side}, C) for image_size "
-                f"{data_cfg.image_size}")
-    if not manifest.shards:
-        raise RecordError(f"{os.path.join(folder, records.MANIFEST)}: no shards listed")
-    paths = []
-    for s in manifest.shards:
-        p = os.path.join(folder, s.path)
-        if not os.path.exists(p):
-            raise RecordError(f"{p}: shard listed in the manifest is missing")
-        paths.append(p)
-    source = grain.sources.ArrayRecordDataSource(paths)
-    if len(source) != manifest.num_records:
-        raise RecordError(f"{folder}: shards hold {len(source)} records, the manifest "
-                          f"says {manifest.num_records}")
-    return source, manifest
+  Fails at once (before any step) if the folder has no manifest, lacks a field the
+  config needs, has another embedding dimension than the config expects, or if a
+  shard is missing or holds another number of records than the manifest says.
+  """
+  folder = os.fspath(_require(data_cfg, "path"))
+  manifest = records.Manifest.load(folder)
+  manifest.check_fields(expected_fields(data_cfg), folder=folder)
+  latent = _get(data_cfg, "latent_field", "")
+  if latent:
+    shape = list(manifest.fields[latent].shape)
+    side = int(_require(data_cfg, "image_size")) // int(_get(data_cfg, "latent_downsample", 8))
+    if len(shape) != 3 or shape[0] != side or shape[1] != side:
+      raise RecordError(
+        f"{os.path.join(folder, records.MANIFEST)}: field {latent!r} has shape "
+        f"{shape}, the config expects ({side}, {side}, C) for image_size "
+        f"{data_cfg.image_size}"
+      )
+  if not manifest.shards:
+    raise RecordError(f"{os.path.join(folder, records.MANIFEST)}: no shards listed")
+  paths = []
+  for s in manifest.shards:
+    p = os.path.join(folder, s.path)
+    if not os.path.exists(p):
+      raise RecordError(f"{p}: shard listed in the manifest is missing")
+    paths.append(p)
+  source = grain.sources.ArrayRecordDataSource(paths)
+  if len(source) != manifest.num_records:
+    raise RecordError(
+      f"{folder}: shards hold {len(source)} records, the manifest says {manifest.num_records}"
+    )
+  return source, manifest
 
 
 # ----------------------------------------------------------------------------- decoding
 
 
 def decode_image_uint8(data: bytes, size: int, *, source: str = "<image>") -> np.ndarray:
-    """PNG/JPEG bytes -> (size, size, 3) uint8 RGB (area-downscaled / cubic-upscaled)."""
-    buf = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray)) else None
-    img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf is not None and buf.size else None
-    if img is None:
-        raise RecordError(f"{source}: not a decodable image")
-    img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    return _resize(img, size, cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_CUBIC)
+  """PNG/JPEG bytes -> (size, size, 3) uint8 RGB (area-downscaled / cubic-upscaled)."""
+  buf = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray)) else None
+  img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf is not None and buf.size else None
+  if img is None:
+    raise RecordError(f"{source}: not a decodable image")
+  img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+  return _resize(img, size, cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_CUBIC)
 
 
 def to_unit_range(img):
-    """uint8 [0, 255] -> float32 [-1, 1] (numpy or jax arrays): x / 127.5 - 1."""
-    return img.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+  """uint8 [0, 255] -> float32 [-1, 1] (numpy or jax arrays): x / 127.5 - 1."""
+  return img.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
 def decode_image(data: bytes, size: int, *, source: str = "<image>") -> np.ndarray:
-    """PNG/JPEG bytes -> (size, size, 3) float32 RGB in [-1, 1]."""
-    return to_unit_range(decode_image_uint8(data, size, source=source))
+  """PNG/JPEG bytes -> (size, size, 3) float32 RGB in [-1, 1]."""
+  return to_unit_range(decode_image_uint8(data, size, source=source))
 
 
 def decode_mask(value: Any, size: int, *, source: str = "<mask>") -> np.ndarray:
-    """uint8 mask (array or encoded bytes), nonzero = face -> (size, size, 1) uint8 {0, 1}."""
-    if isinstance(value, (bytes, bytearray)):
-        m = cv2.imdecode(np.frombuffer(value, np.uint8), cv2.IMREAD_GRAYSCALE)
-        if m is None:
-            raise RecordError(f"{source}: not a decodable mask image")
-    else:
-        m = np.asarray(value)
-        if m.ndim == 3 and m.shape[-1] == 1:
-            m = m[..., 0]
-        if m.ndim != 2:
-            raise RecordError(f"{source}: mask has shape {m.shape}, expected (H, W)")
-    m = (m > 0).astype(np.uint8)
-    return _resize(m, size, cv2.INTER_NEAREST)[..., None]
+  """uint8 mask (array or encoded bytes), nonzero = face -> (size, size, 1) uint8 {0, 1}."""
+  if isinstance(value, (bytes, bytearray)):
+    m = cv2.imdecode(np.frombuffer(value, np.uint8), cv2.IMREAD_GRAYSCALE)
+    if m is None:
+      raise RecordError(f"{source}: not a decodable mask image")
+  else:
+    m = np.asarray(value)
+    if m.ndim == 3 and m.shape[-1] == 1:
+      m = m[..., 0]
+    if m.ndim != 2:
+      raise RecordError(f"{source}: mask has shape {m.shape}, expected (H, W)")
+  m = (m > 0).astype(np.uint8)
+  return _resize(m, size, cv2.INTER_NEAREST)[..., None]
 
 
 IMAGE_KEYS = ("bkg_image", "id_image", "exp_image")
@@ -199,334 +204,371 @@ MASK_KEYS = ("bkg_mask",)
 
 
 def to_model_inputs(batch: dict) -> dict:
-    """Host uint8 images -> float32 [-1, 1], uint8 masks -> float32 {0, 1}.
+  """Host uint8 images -> float32 [-1, 1], uint8 masks -> float32 {0, 1}.
 
-    Works on numpy (no mesh) and, jitted, on global jax.Arrays: with a mesh the
-    host ships uint8 (4x less to copy and transfer) and the device converts.
-    """
-    out = dict(batch)
-    for k in IMAGE_KEYS:
-        if k in out:
-            out[k] = to_unit_range(out[k])
-    for k in MASK_KEYS:
-        if k in out:
-            out[k] = out[k].astype(np.float32)
-    return out
+  Works on numpy (no mesh) and, jitted, on global jax.Arrays: with a mesh the
+  host ships uint8 (4x less to copy and transfer) and the device converts.
+  """
+  out = dict(batch)
+  for k in IMAGE_KEYS:
+    if k in out:
+      out[k] = to_unit_range(out[k])
+  for k in MASK_KEYS:
+    if k in out:
+      out[k] = out[k].astype(np.float32)
+  return out
 
 
 class HostToModelInputs(grain.transforms.Map):
-    def map(self, batch):
-        return to_model_inputs(batch)
+  def map(self, batch):
+    return to_model_inputs(batch)
 
 
 def _resize(img: np.ndarray, size: int, interp: int) -> np.ndarray:
-    if img.shape[0] == size and img.shape[1] == size:
-        return img
-    return cv2.resize(img, (size, size), interpolation=interp)
+  if img.shape[0] == size and img.shape[1] == size:
+    return img
+  return cv2.resize(img, (size, size), interpolation=interp)
 
 
 def _field(rec: Mapping[str, Any], name: str, where: str) -> Any:
-    try:
-        return rec[name]
-    except KeyError:
-        raise RecordError(f"{where}: record has no field {name!r} "
-                          f"(it has {sorted(rec)})") from None
+  try:
+    return rec[name]
+  except KeyError:
+    raise RecordError(f"{where}: record has no field {name!r} (it has {sorted(rec)})") from None
 
 
 def _embedding(rec, name, dim, where) -> np.ndarray:
-    v = np.asarray(_field(rec, name, where), np.float32)
-    if dim is not None and v.shape[-1:] != (dim,):
-        raise RecordError(f"{where}: field {name!r} has shape {v.shape}, the config "
-                          f"expects last dimension {dim}")
-    return v
+  v = np.asarray(_field(rec, name, where), np.float32)
+  if dim is not None and v.shape[-1:] != (dim,):
+    raise RecordError(
+      f"{where}: field {name!r} has shape {v.shape}, the config expects last dimension {dim}"
+    )
+  return v
 
 
 class _Reader:
-    """Reads and decodes one record into the per-image parts of a triplet."""
+  """Reads and decodes one record into the per-image parts of a triplet."""
 
-    def __init__(self, data_cfg, source, manifest, folder: str):
-        self.size = int(_require(data_cfg, "image_size"))
-        self.image_field = _get(data_cfg, "image_field", "image")
-        self.mask_field = _get(data_cfg, "mask_field", "mask")
-        self.id_fields = list(_require(data_cfg, "id_fields"))
-        dims = _get(data_cfg, "id_dims")
-        self.id_dims = [None] * len(self.id_fields) if dims is None else [int(d) for d in dims]
-        self.exp_field = _require(data_cfg, "exp_field")
-        self.exp_dim = _get(data_cfg, "exp_dim")
-        self.latent_field = _get(data_cfg, "latent_field", "")
-        self.source = source
-        self.folder = folder
-        self.bounds = np.cumsum([s.count for s in manifest.shards])
-        self.shard_paths = [s.path for s in manifest.shards]
+  def __init__(self, data_cfg, source, manifest, folder: str):
+    self.size = int(_require(data_cfg, "image_size"))
+    self.image_field = _get(data_cfg, "image_field", "image")
+    self.mask_field = _get(data_cfg, "mask_field", "mask")
+    self.id_fields = list(_require(data_cfg, "id_fields"))
+    dims = _get(data_cfg, "id_dims")
+    self.id_dims = [None] * len(self.id_fields) if dims is None else [int(d) for d in dims]
+    self.exp_field = _require(data_cfg, "exp_field")
+    self.exp_dim = _get(data_cfg, "exp_dim")
+    self.latent_field = _get(data_cfg, "latent_field", "")
+    self.source = source
+    self.folder = folder
+    self.bounds = np.cumsum([s.count for s in manifest.shards])
+    self.shard_paths = [s.path for s in manifest.shards]
 
-    def where(self, index: int) -> str:
-        k = int(np.searchsorted(self.bounds, index, side="right"))
-        start = 0 if k == 0 else int(self.bounds[k - 1])
-        return os.path.join(self.folder, self.shard_paths[k]) + f" record {index - start}"
+  def where(self, index: int) -> str:
+    k = int(np.searchsorted(self.bounds, index, side="right"))
+    start = 0 if k == 0 else int(self.bounds[k - 1])
+    return os.path.join(self.folder, self.shard_paths[k]) + f" record {index - start}"
 
-    def record(self, index: int, raw: bytes | None = None) -> dict[str, Any]:
-        raw = self.source[index] if raw is None else raw
-        return records.decode_record(raw, source=self.where(index))
+  def record(self, index: int, raw: bytes | None = None) -> dict[str, Any]:
+    raw = self.source[index] if raw is None else raw
+    return records.decode_record(raw, source=self.where(index))
 
-    def background(self, rec, index) -> dict[str, np.ndarray]:
-        w = self.where(index)
-        out = {
-            "bkg_image": decode_image_uint8(_field(rec, self.image_field, w), self.size,
-                                      source=f"{w} field {self.image_field!r}"),
-            "bkg_mask": decode_mask(_field(rec, self.mask_field, w), self.size,
-                                    source=f"{w} field {self.mask_field!r}"),
-        }
-        if self.latent_field:
-            out["latent"] = np.asarray(_field(rec, self.latent_field, w), np.float32)
-        return out
-
-    def identity(self, rec, index) -> dict[str, np.ndarray]:
-        w = self.where(index)
-        return {f: _embedding(rec, f, d, w) for f, d in zip(self.id_fields, self.id_dims)}
-
-    def expression(self, rec, index) -> np.ndarray:
-        return _embedding(rec, self.exp_field, self.exp_dim, self.where(index))
-
-    def image(self, rec, index) -> np.ndarray:
-        w = self.where(index)
-        return decode_image_uint8(_field(rec, self.image_field, w), self.size,
-                            source=f"{w} field {self.image_field!r}")
-
-
-def _triplet(reader: _Reader, a: int, b: int, c: int, *, source_images: bool,
-             cache: dict[int, dict] | None = None) -> dict[str, Any]:
-    """[I_bkg, I_id, I_exp] = records (a, b, c) (DiffSFSR Sec. 3.4 training sample)."""
-    cache = {} if cache is None else cache
-    for i in {a, b, c}:
-        if i not in cache:
-            cache[i] = reader.record(i)
-    out = reader.background(cache[a], a)
-    out["id"] = reader.identity(cache[b], b)
-    out["exp"] = reader.expression(cache[c], c)
-    out["src"] = {"bkg": np.int32(a), "id": np.int32(b), "exp": np.int32(c)}
-    if source_images:
-        out["id_image"] = out["bkg_image"] if b == a else reader.image(cache[b], b)
-        out["exp_image"] = (out["bkg_image"] if c == a else
-                            out["id_image"] if c == b else reader.image(cache[c], c))
+  def background(self, rec, index) -> dict[str, np.ndarray]:
+    w = self.where(index)
+    out = {
+      "bkg_image": decode_image_uint8(
+        _field(rec, self.image_field, w), self.size, source=f"{w} field {self.image_field!r}"
+      ),
+      "bkg_mask": decode_mask(
+        _field(rec, self.mask_field, w), self.size, source=f"{w} field {self.mask_field!r}"
+      ),
+    }
+    if self.latent_field:
+      out["latent"] = np.asarray(_field(rec, self.latent_field, w), np.float32)
     return out
+
+  def identity(self, rec, index) -> dict[str, np.ndarray]:
+    w = self.where(index)
+    return {f: _embedding(rec, f, d, w) for f, d in zip(self.id_fields, self.id_dims)}
+
+  def expression(self, rec, index) -> np.ndarray:
+    return _embedding(rec, self.exp_field, self.exp_dim, self.where(index))
+
+  def image(self, rec, index) -> np.ndarray:
+    w = self.where(index)
+    return decode_image_uint8(
+      _field(rec, self.image_field, w), self.size, source=f"{w} field {self.image_field!r}"
+    )
+
+
+def _triplet(
+  reader: _Reader,
+  a: int,
+  b: int,
+  c: int,
+  *,
+  source_images: bool,
+  cache: dict[int, dict] | None = None,
+) -> dict[str, Any]:
+  """[I_bkg, I_id, I_exp] = records (a, b, c) (DiffSFSR Sec. 3.4 training sample)."""
+  cache = {} if cache is None else cache
+  for i in {a, b, c}:
+    if i not in cache:
+      cache[i] = reader.record(i)
+  out = reader.background(cache[a], a)
+  out["id"] = reader.identity(cache[b], b)
+  out["exp"] = reader.expression(cache[c], c)
+  out["src"] = {"bkg": np.int32(a), "id": np.int32(b), "exp": np.int32(c)}
+  if source_images:
+    out["id_image"] = out["bkg_image"] if b == a else reader.image(cache[b], b)
+    out["exp_image"] = (
+      out["bkg_image"] if c == a else out["id_image"] if c == b else reader.image(cache[c], c)
+    )
+  return out
 
 
 class SelfReconstruction(grain.transforms.Map):
-    """Training triplet: background, identity and expression from the same record."""
+  """Training triplet: background, identity and expression from the same record."""
 
-    def __init__(self, reader: _Reader):
-        self.reader = reader
+  def __init__(self, reader: _Reader):
+    self.reader = reader
 
-    def map(self, element: tuple[int, bytes]):
-        i, raw = element
-        return _triplet(self.reader, i, i, i, source_images=False,
-                        cache={i: self.reader.record(i, raw)})
+  def map(self, element: tuple[int, bytes]):
+    i, raw = element
+    return _triplet(
+      self.reader, i, i, i, source_images=False, cache={i: self.reader.record(i, raw)}
+    )
 
 
 class _TagIndex(grain.transforms.MapWithIndex):
-    """Pairs each raw record with its global index (recorded as the source id).
+  """Pairs each raw record with its global index (recorded as the source id).
 
-    Past the first epoch grain passes indices beyond the length (the source reads
-    them modulo its length), so the record index is ``index mod num_records``.
-    """
+  Past the first epoch grain passes indices beyond the length (the source reads
+  them modulo its length), so the record index is ``index mod num_records``.
+  """
 
-    def __init__(self, num_records: int):
-        self.num_records = int(num_records)
+  def __init__(self, num_records: int):
+    self.num_records = int(num_records)
 
-    def map_with_index(self, index: int, element: bytes):
-        return int(index) % self.num_records, element
+  def map_with_index(self, index: int, element: bytes):
+    return int(index) % self.num_records, element
 
 
 class EvalTriplet(grain.transforms.Map):
-    """Evaluation triplet from a row ``(a, b, c, valid)`` of the triplet table."""
+  """Evaluation triplet from a row ``(a, b, c, valid)`` of the triplet table."""
 
-    def __init__(self, reader: _Reader, source_images: bool):
-        self.reader = reader
-        self.source_images = source_images
+  def __init__(self, reader: _Reader, source_images: bool):
+    self.reader = reader
+    self.source_images = source_images
 
-    def map(self, row):
-        a, b, c, valid = (int(x) for x in row)
-        out = _triplet(self.reader, a, b, c, source_images=self.source_images)
-        out["valid"] = np.bool_(valid)
-        return out
+  def map(self, row):
+    a, b, c, valid = (int(x) for x in row)
+    out = _triplet(self.reader, a, b, c, source_images=self.source_images)
+    out["valid"] = np.bool_(valid)
+    return out
 
 
 # ----------------------------------------------------------------------------- triplets
 
 
-def triplet_table(num_records: int, task: str, seed: int,
-                  num: int | None = None) -> np.ndarray:
-    """(num, 3) int64 rows (bkg, id, exp) of record indices for an evaluation task.
+def triplet_table(num_records: int, task: str, seed: int, num: int | None = None) -> np.ndarray:
+  """(num, 3) int64 rows (bkg, id, exp) of record indices for an evaluation task.
 
-    Row i uses record ``a = i mod N`` as the target (background). ``swap``: id from
-    another record b (bkg, exp from a); ``reenact``: exp from another record b (bkg,
-    id from a); ``sfsr``: id from b and exp from c, a, b, c pairwise different;
-    ``reconstruct``: all from a. b and c are drawn with ``np.random.default_rng(seed)``
-    as nonzero offsets from a, so the table depends only on (N, task, seed, num).
-    """
-    if task not in TASKS:
-        raise ValueError(f"unknown triplet task {task!r}; expected one of {TASKS}")
-    n = int(num_records)
-    num = n if num is None else int(num)
-    need = {"reconstruct": 1, "swap": 2, "reenact": 2, "sfsr": 3}[task]
-    if n < need:
-        raise ValueError(f"task {task!r} needs at least {need} records, the dataset has {n}")
-    rng = np.random.default_rng(seed)
-    a = np.arange(num, dtype=np.int64) % n
-    if task == "reconstruct":
-        return np.stack([a, a, a], 1)
-    o1 = rng.integers(1, n, size=num)  # in [1, n-1]: b != a
-    b = (a + o1) % n
-    if task == "swap":
-        return np.stack([a, b, a], 1)
-    if task == "reenact":
-        return np.stack([a, a, b], 1)
-    o2 = rng.integers(1, n - 1, size=num)  # in [1, n-2], then skip o1: c != a, b
-    o2 = np.where(o2 >= o1, o2 + 1, o2)
-    return np.stack([a, b, (a + o2) % n], 1)
+  Row i uses record ``a = i mod N`` as the target (background). ``swap``: id from
+  another record b (bkg, exp from a); ``reenact``: exp from another record b (bkg,
+  id from a); ``sfsr``: id from b and exp from c, a, b, c pairwise different;
+  ``reconstruct``: all from a. b and c are drawn with ``np.random.default_rng(seed)``
+  as nonzero offsets from a, so the table depends only on (N, task, seed, num).
+  """
+  if task not in TASKS:
+    raise ValueError(f"unknown triplet task {task!r}; expected one of {TASKS}")
+  n = int(num_records)
+  num = n if num is None else int(num)
+  need = {"reconstruct": 1, "swap": 2, "reenact": 2, "sfsr": 3}[task]
+  if n < need:
+    raise ValueError(f"task {task!r} needs at least {need} records, the dataset has {n}")
+  rng = np.random.default_rng(seed)
+  a = np.arange(num, dtype=np.int64) % n
+  if task == "reconstruct":
+    return np.stack([a, a, a], 1)
+  o1 = rng.integers(1, n, size=num)  # in [1, n-1]: b != a
+  b = (a + o1) % n
+  if task == "swap":
+    return np.stack([a, b, a], 1)
+  if task == "reenact":
+    return np.stack([a, a, b], 1)
+  o2 = rng.integers(1, n - 1, size=num)  # in [1, n-2], then skip o1: c != a, b
+  o2 = np.where(o2 >= o1, o2 + 1, o2)
+  return np.stack([a, b, (a + o2) % n], 1)
 
 
 # ----------------------------------------------------------------------------- placement
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Batch axis over the mesh's ('data', 'fsdp') axes (those that exist)."""
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    if not axes:
-        raise ValueError(f"mesh axes {mesh.axis_names} contain none of {BATCH_AXES}")
-    return NamedSharding(mesh, P(axes))
+  """Batch axis over the mesh's ('data', 'fsdp') axes (those that exist)."""
+  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+  if not axes:
+    raise ValueError(f"mesh axes {mesh.axis_names} contain none of {BATCH_AXES}")
+  return NamedSharding(mesh, P(axes))
 
 
 class PlaceOnMesh(grain.transforms.Map):
-    """Host batch (numpy tree) -> global jax.Arrays with the global batch on axis 0."""
+  """Host batch (numpy tree) -> global jax.Arrays with the global batch on axis 0."""
 
-    def __init__(self, mesh: Mesh, global_batch_size: int):
-        self.sharding = batch_sharding(mesh)
-        self.global_batch_size = int(global_batch_size)
-        self.convert = jax.jit(to_model_inputs, out_shardings=self.sharding)
+  def __init__(self, mesh: Mesh, global_batch_size: int):
+    self.sharding = batch_sharding(mesh)
+    self.global_batch_size = int(global_batch_size)
+    self.convert = jax.jit(to_model_inputs, out_shardings=self.sharding)
 
-    def map(self, batch):
-        def put(x):
-            x = np.asarray(x)
-            return jax.make_array_from_process_local_data(
-                self.sharding, x, (self.global_batch_size,) + x.shape[1:])
-        return self.convert(jax.tree.map(put, batch))
+  def map(self, batch):
+    def put(x):
+      x = np.asarray(x)
+      return jax.make_array_from_process_local_data(
+        self.sharding, x, (self.global_batch_size,) + x.shape[1:]
+      )
+
+    return self.convert(jax.tree.map(put, batch))
 
 
 # ----------------------------------------------------------------------------- pipelines
 
 
 def _host(process_index, process_count):
-    if process_index is None:
-        process_index = jax.process_index()
-    if process_count is None:
-        process_count = jax.process_count()
-    return int(process_index), int(process_count)
+  if process_index is None:
+    process_index = jax.process_index()
+  if process_count is None:
+    process_count = jax.process_count()
+  return int(process_index), int(process_count)
 
 
 def _finish(ds: grain.MapDataset, data_cfg, per_host: int) -> grain.IterDataset:
-    ds = ds.batch(per_host, drop_remainder=True)
-    it = ds.to_iter_dataset(grain.ReadOptions(
-        num_threads=int(_get(data_cfg, "read_threads", 2)),
-        prefetch_buffer_size=int(_get(data_cfg, "prefetch_buffer_size",
-                                      2 * int(_get(data_cfg, "read_threads", 2))))))
-    workers = int(_get(data_cfg, "num_workers", 0))
-    if workers > 0:
-        # grain's workers read absl flags; outside an absl app nobody parsed them.
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-    return it
+  ds = ds.batch(per_host, drop_remainder=True)
+  it = ds.to_iter_dataset(
+    grain.ReadOptions(
+      num_threads=int(_get(data_cfg, "read_threads", 2)),
+      prefetch_buffer_size=int(
+        _get(data_cfg, "prefetch_buffer_size", 2 * int(_get(data_cfg, "read_threads", 2)))
+      ),
+    )
+  )
+  workers = int(_get(data_cfg, "num_workers", 0))
+  if workers > 0:
+    # grain's workers read absl flags; outside an absl app nobody parsed them.
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return it
 
 
-def make_train_dataset(config, *, process_index: int | None = None,
-                       process_count: int | None = None) -> grain.IterDataset:
-    """Per-host training stream of numpy batches (self-reconstruction triplets).
+def make_train_dataset(
+  config, *, process_index: int | None = None, process_count: int | None = None
+) -> grain.IterDataset:
+  """Per-host training stream of numpy batches (self-reconstruction triplets).
 
-    Images and masks stay uint8 here (``to_model_inputs`` converts them, on the
-    devices when ``make_train_iterator`` is given a mesh).
+  Images and masks stay uint8 here (``to_model_inputs`` converts them, on the
+  devices when ``make_train_iterator`` is given a mesh).
 
-    The records are first split evenly over the hosts (host k takes records k, k+P,
-    ... of the first P * floor(N / P)), then each host shuffles its share with
-    ``data.seed`` (reshuffled every epoch), repeats ``data.num_epochs`` times (None:
-    forever), decodes and batches to ``global_batch_size / P``.
-    """
-    data_cfg = config.data
-    pi, pc = _host(process_index, process_count)
-    per_host = host_batch_size(int(_require(data_cfg, "global_batch_size")), pc)
-    source, manifest = open_source(data_cfg)
-    reader = _Reader(data_cfg, source, manifest, os.fspath(data_cfg.path))
-    n = len(source) - len(source) % pc
-    if n // pc < per_host:
-        raise ValueError(f"{data_cfg.path}: {len(source)} records give each of {pc} "
-                         f"hosts {n // pc}, fewer than one host batch of {per_host}")
-    ds = grain.MapDataset.source(source).map_with_index(_TagIndex(len(source)))
-    ds = ds[:n][pi::pc]
-    ds = ds.shuffle(seed=int(_require(data_cfg, "seed")))
-    ds = ds.repeat(_get(data_cfg, "num_epochs"))
-    ds = ds.map(SelfReconstruction(reader))
-    return _finish(ds, data_cfg, per_host)
-
-
-def make_train_iterator(config, mesh: Mesh | None = None, *,
-                        process_index: int | None = None,
-                        process_count: int | None = None) -> grain.DatasetIterator:
-    """Checkpointable iterator of training batches; global jax.Arrays if ``mesh``."""
-    ds = make_train_dataset(config, process_index=process_index, process_count=process_count)
-    if mesh is None:
-        ds = ds.map(HostToModelInputs())
-    else:
-        ds = ds.map(PlaceOnMesh(mesh, int(config.data.global_batch_size)))
-    return iter(ds)
+  The records are first split evenly over the hosts (host k takes records k, k+P,
+  ... of the first P * floor(N / P)), then each host shuffles its share with
+  ``data.seed`` (reshuffled every epoch), repeats ``data.num_epochs`` times (None:
+  forever), decodes and batches to ``global_batch_size / P``.
+  """
+  data_cfg = config.data
+  pi, pc = _host(process_index, process_count)
+  per_host = host_batch_size(int(_require(data_cfg, "global_batch_size")), pc)
+  source, manifest = open_source(data_cfg)
+  reader = _Reader(data_cfg, source, manifest, os.fspath(data_cfg.path))
+  n = len(source) - len(source) % pc
+  if n // pc < per_host:
+    raise ValueError(
+      f"{data_cfg.path}: {len(source)} records give each of {pc} "
+      f"hosts {n // pc}, fewer than one host batch of {per_host}"
+    )
+  ds = grain.MapDataset.source(source).map_with_index(_TagIndex(len(source)))
+  ds = ds[:n][pi::pc]
+  ds = ds.shuffle(seed=int(_require(data_cfg, "seed")))
+  ds = ds.repeat(_get(data_cfg, "num_epochs"))
+  ds = ds.map(SelfReconstruction(reader))
+  return _finish(ds, data_cfg, per_host)
 
 
-def make_eval_dataset(config, task: str, seed: int, *, process_index: int | None = None,
-                      process_count: int | None = None) -> grain.IterDataset:
-    """One pass of per-host numpy batches of ``task`` triplets (see ``triplet_table``).
-
-    Images and masks stay uint8, as in ``make_train_dataset``.
-
-    The table (``data.num_eval`` rows, default one per record) is padded with copies
-    of its first row (``valid = False``) to a whole number of global batches, so every
-    host yields the same number of equally sized batches.
-    """
-    data_cfg = config.data
-    pi, pc = _host(process_index, process_count)
-    gbs = int(_require(data_cfg, "global_batch_size"))
-    per_host = host_batch_size(gbs, pc)
-    source, manifest = open_source(data_cfg)
-    reader = _Reader(data_cfg, source, manifest, os.fspath(data_cfg.path))
-    table = triplet_table(len(source), task, seed, _get(data_cfg, "num_eval"))
-    pad = (-len(table)) % gbs
-    valid = np.concatenate([np.ones(len(table), np.int64), np.zeros(pad, np.int64)])
-    table = np.concatenate([table, np.repeat(table[:1], pad, 0)], 0)
-    rows = np.concatenate([table, valid[:, None]], 1)
-    ds = grain.MapDataset.source(list(rows))[pi::pc]
-    ds = ds.map(EvalTriplet(reader, bool(_get(data_cfg, "eval_source_images", True))))
-    return _finish(ds, data_cfg, per_host)
+def make_train_iterator(
+  config,
+  mesh: Mesh | None = None,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> grain.DatasetIterator:
+  """Checkpointable iterator of training batches; global jax.Arrays if ``mesh``."""
+  ds = make_train_dataset(config, process_index=process_index, process_count=process_count)
+  if mesh is None:
+    ds = ds.map(HostToModelInputs())
+  else:
+    ds = ds.map(PlaceOnMesh(mesh, int(config.data.global_batch_size)))
+  return iter(ds)
 
 
-def make_eval_triplets(config, task: str, seed: int, mesh: Mesh | None = None, *,
-                       process_index: int | None = None,
-                       process_count: int | None = None) -> grain.DatasetIterator:
-    """Iterator over one pass of evaluation batches; global jax.Arrays if ``mesh``."""
-    ds = make_eval_dataset(config, task, seed, process_index=process_index,
-                           process_count=process_count)
-    if mesh is None:
-        ds = ds.map(HostToModelInputs())
-    else:
-        ds = ds.map(PlaceOnMesh(mesh, int(config.data.global_batch_size)))
-    return iter(ds)
+def make_eval_dataset(
+  config,
+  task: str,
+  seed: int,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> grain.IterDataset:
+  """One pass of per-host numpy batches of ``task`` triplets (see ``triplet_table``).
+
+  Images and masks stay uint8, as in ``make_train_dataset``.
+
+  The table (``data.num_eval`` rows, default one per record) is padded with copies
+  of its first row (``valid = False``) to a whole number of global batches, so every
+  host yields the same number of equally sized batches.
+  """
+  data_cfg = config.data
+  pi, pc = _host(process_index, process_count)
+  gbs = int(_require(data_cfg, "global_batch_size"))
+  per_host = host_batch_size(gbs, pc)
+  source, manifest = open_source(data_cfg)
+  reader = _Reader(data_cfg, source, manifest, os.fspath(data_cfg.path))
+  table = triplet_table(len(source), task, seed, _get(data_cfg, "num_eval"))
+  pad = (-len(table)) % gbs
+  valid = np.concatenate([np.ones(len(table), np.int64), np.zeros(pad, np.int64)])
+  table = np.concatenate([table, np.repeat(table[:1], pad, 0)], 0)
+  rows = np.concatenate([table, valid[:, None]], 1)
+  ds = grain.MapDataset.source(list(rows))[pi::pc]
+  ds = ds.map(EvalTriplet(reader, bool(_get(data_cfg, "eval_source_images", True))))
+  return _finish(ds, data_cfg, per_host)
+
+
+def make_eval_triplets(
+  config,
+  task: str,
+  seed: int,
+  mesh: Mesh | None = None,
+  *,
+  process_index: int | None = None,
+  process_count: int | None = None,
+) -> grain.DatasetIterator:
+  """Iterator over one pass of evaluation batches; global jax.Arrays if ``mesh``."""
+  ds = make_eval_dataset(
+    config, task, seed, process_index=process_index, process_count=process_count
+  )
+  if mesh is None:
+    ds = ds.map(HostToModelInputs())
+  else:
+    ds = ds.map(PlaceOnMesh(mesh, int(config.data.global_batch_size)))
+  return iter(ds)
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 
 def save_args(iterator: grain.DatasetIterator):
-    """orbax args saving a grain iterator's position (one JSON file per process)."""
-    return grain.checkpoint.CheckpointSave(iterator)
+  """orbax args saving a grain iterator's position (one JSON file per process)."""
+  return grain.checkpoint.CheckpointSave(iterator)
 
 
 def restore_args(iterator: grain.DatasetIterator):
-    """orbax args restoring ``iterator`` (built from the same config) in place."""
-    return grain.checkpoint.CheckpointRestore(iterator)
+  """orbax args restoring ``iterator`` (built from the same config) in place."""
+  return grain.checkpoint.CheckpointRestore(iterator)

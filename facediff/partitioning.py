@@ -40,23 +40,23 @@ MESH_AXES = ("data", "fsdp")
 
 # Order = priority: earlier rules claim a mesh axis first.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
-    # activations
-    ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
-    ("activation_height", None),
-    ("activation_width", None),
-    ("activation_embed", None),
-    # parameters (FSDP)
-    ("vocab", "fsdp"),
-    ("mlp", "fsdp"),
-    ("heads", "fsdp"),
-    ("conv_out", "fsdp"),
-    ("embed", "fsdp"),
-    ("cross_embed", "fsdp"),
-    ("conv_in", "fsdp"),
-    ("conv_h", None),
-    ("conv_w", None),
-    ("norm", None),
+  # activations
+  ("activation_batch", ("data", "fsdp")),
+  ("activation_length", None),
+  ("activation_height", None),
+  ("activation_width", None),
+  ("activation_embed", None),
+  # parameters (FSDP)
+  ("vocab", "fsdp"),
+  ("mlp", "fsdp"),
+  ("heads", "fsdp"),
+  ("conv_out", "fsdp"),
+  ("embed", "fsdp"),
+  ("cross_embed", "fsdp"),
+  ("conv_in", "fsdp"),
+  ("conv_h", None),
+  ("conv_w", None),
+  ("norm", None),
 )
 
 
@@ -73,13 +73,12 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     raise ValueError(f"mesh shape {dict(shape)}: sizes must be positive or -1")
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(
-          f"mesh shape {dict(shape)}: {len(devices)} devices not divisible by {known}")
+      raise ValueError(f"mesh shape {dict(shape)}: {len(devices)} devices not divisible by {known}")
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
     raise ValueError(
-        f"mesh shape {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, "
-        f"have {len(devices)}")
+      f"mesh shape {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}"
+    )
   arr = np.array(devices, dtype=object).reshape(sizes)
   return Mesh(arr, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
 
@@ -93,10 +92,10 @@ def _axis_size(mesh: Mesh, axes) -> int:
 
 
 def logical_to_mesh_spec(
-    logical_axes: Sequence[str | None],
-    shape: Sequence[int],
-    mesh: Mesh,
-    rules: Sequence[tuple[str, Any]] = LOGICAL_RULES,
+  logical_axes: Sequence[str | None],
+  shape: Sequence[int],
+  mesh: Mesh,
+  rules: Sequence[tuple[str, Any]] = LOGICAL_RULES,
 ) -> PartitionSpec:
   """PartitionSpec for an array of ``shape`` whose dims carry ``logical_axes``.
 
@@ -127,8 +126,7 @@ def _is_box(x) -> bool:
   return isinstance(x, nn.LogicallyPartitioned)
 
 
-def param_shardings(abstract_params, mesh: Mesh,
-                    rules: Sequence[tuple[str, Any]] = LOGICAL_RULES):
+def param_shardings(abstract_params, mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES):
   """NamedSharding tree (structure of the UNBOXED params) for a params tree from
   ``jax.eval_shape(init)``. Leaves without logical names are replicated."""
 
@@ -148,8 +146,12 @@ def param_specs(abstract_params, mesh: Mesh, rules=LOGICAL_RULES):
   return jax.tree.map(lambda s: s.spec, param_shardings(abstract_params, mesh, rules))
 
 
-def init_sharded(init_fn: Callable[[jax.Array], Any], key: jax.Array, mesh: Mesh,
-                 rules: Sequence[tuple[str, Any]] = LOGICAL_RULES):
+def init_sharded(
+  init_fn: Callable[[jax.Array], Any],
+  key: jax.Array,
+  mesh: Mesh,
+  rules: Sequence[tuple[str, Any]] = LOGICAL_RULES,
+):
   """Creates params directly sharded: ``jax.jit(init, out_shardings=...)`` with shardings
   from ``jax.eval_shape(init)``; no host ever holds the whole tree. Returns unboxed params."""
   abstract = jax.eval_shape(init_fn, key)

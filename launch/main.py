@@ -29,78 +29,103 @@ import numpy as np
 
 
 def _mesh(axes: dict):
-    from facediff import partitioning
-    return partitioning.make_mesh(dict(axes))
+  from facediff import partitioning
+
+  return partitioning.make_mesh(dict(axes))
 
 
 def _describe(batch) -> dict:
-    import jax
-    return {"/".join(str(getattr(k, "key", k)) for k in path): list(np.shape(v))
-            for path, v in jax.tree_util.tree_flatten_with_path(batch)[0]}
+  import jax
+
+  return {
+    "/".join(str(getattr(k, "key", k)) for k in path): list(np.shape(v))
+    for path, v in jax.tree_util.tree_flatten_with_path(batch)[0]
+  }
 
 
 def run(config, workdir: str, t2i_model: str = "") -> dict:
-    from data_pipelines import demo, loaders
+  from data_pipelines import demo, loaders
 
-    summary: dict = {"workdir": os.path.abspath(workdir)}
-    data_dir = os.path.join(workdir, "data")
-    t0 = time.time()
-    manifest = demo.build(data_dir, num=config.demo.num, seed=config.demo.seed,
-                          image_size=config.demo.image_size, shard_size=config.demo.shard_size)
-    summary["dataset"] = {"path": data_dir, "records": manifest.num_records,
-                          "counters": manifest.counters, "fields": sorted(manifest.fields),
-                          "seconds": round(time.time() - t0, 1)}
-    logging.info("demo dataset: %d records in %s", manifest.num_records, data_dir)
+  summary: dict = {"workdir": os.path.abspath(workdir)}
+  data_dir = os.path.join(workdir, "data")
+  t0 = time.time()
+  manifest = demo.build(
+    data_dir,
+    num=config.demo.num,
+    seed=config.demo.seed,
+    image_size=config.demo.image_size,
+    shard_size=config.demo.shard_size,
+  )
+  summary["dataset"] = {
+    "path": data_dir,
+    "records": manifest.num_records,
+    "counters": manifest.counters,
+    "fields": sorted(manifest.fields),
+    "seconds": round(time.time() - t0, 1),
+  }
+  logging.info("demo dataset: %d records in %s", manifest.num_records, data_dir)
 
-    with config.unlocked():
-        config.data.path = data_dir
-    mesh = _mesh(config.mesh)
-    it = loaders.make_train_iterator(config, mesh)
-    shapes = None
-    for _ in range(config.num_batches):
-        batch = next(it)
-        shapes = _describe(batch)
-    summary["train_batch"] = {"mesh": dict(mesh.shape), "shapes": shapes,
-                              "sharding": str(batch["bkg_image"].sharding.spec)}
-    ev = next(iter(loaders.make_eval_triplets(config, "sfsr", seed=0, mesh=mesh)))
-    summary["sfsr_eval_sources"] = {k: np.asarray(v).tolist() for k, v in ev["src"].items()}
+  with config.unlocked():
+    config.data.path = data_dir
+  mesh = _mesh(config.mesh)
+  it = loaders.make_train_iterator(config, mesh)
+  shapes = None
+  for _ in range(config.num_batches):
+    batch = next(it)
+    shapes = _describe(batch)
+  summary["train_batch"] = {
+    "mesh": dict(mesh.shape),
+    "shapes": shapes,
+    "sharding": str(batch["bkg_image"].sharding.spec),
+  }
+  ev = next(iter(loaders.make_eval_triplets(config, "sfsr", seed=0, mesh=mesh)))
+  summary["sfsr_eval_sources"] = {k: np.asarray(v).tolist() for k, v in ev["src"].items()}
 
-    model = t2i_model or config.t2i.model
-    if model:
-        import jax
-        from facediff.convert.pipeline import load_models
-        from facediff.pipelines.text_to_image import TextToImage, save_png
-        pipe = TextToImage(load_models(model))
-        t = config.t2i
-        images = pipe(list(t.prompts), jax.random.key(t.seed), height=t.height, width=t.width,
-                      num_steps=t.steps, guidance_scale=t.guidance)
-        summary["backgrounds"] = save_png(images, os.path.join(workdir, "backgrounds"))
-    else:
-        summary["backgrounds"] = "skipped: pass --t2i-model with SD-1.x weights to generate backgrounds"
+  model = t2i_model or config.t2i.model
+  if model:
+    import jax
+    from facediff.convert.pipeline import load_models
+    from facediff.pipelines.text_to_image import TextToImage, save_png
 
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+    pipe = TextToImage(load_models(model))
+    t = config.t2i
+    images = pipe(
+      list(t.prompts),
+      jax.random.key(t.seed),
+      height=t.height,
+      width=t.width,
+      num_steps=t.steps,
+      guidance_scale=t.guidance,
+    )
+    summary["backgrounds"] = save_png(images, os.path.join(workdir, "backgrounds"))
+  else:
+    summary["backgrounds"] = "skipped: pass --t2i-model with SD-1.x weights to generate backgrounds"
+
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=2)
+  return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py"))
-    ap.add_argument("--t2i-model", default="")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    spec = importlib.util.spec_from_file_location("facediff_config", args.config)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"--config: cannot load {args.config}")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    os.makedirs(args.workdir, exist_ok=True)
-    summary = run(mod.get_config(), args.workdir, args.t2i_model)
-    for key, value in summary.items():
-        print(f"{key}: {json.dumps(value)}")
-    return 0
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--workdir", required=True)
+  ap.add_argument(
+    "--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
+  )
+  ap.add_argument("--t2i-model", default="")
+  args = ap.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+  spec = importlib.util.spec_from_file_location("facediff_config", args.config)
+  if spec is None or spec.loader is None:
+    raise SystemExit(f"--config: cannot load {args.config}")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  os.makedirs(args.workdir, exist_ok=True)
+  summary = run(mod.get_config(), args.workdir, args.t2i_model)
+  for key, value in summary.items():
+    print(f"{key}: {json.dumps(value)}")
+  return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+  sys.exit(main())

@@ -57,44 +57,53 @@ CHILD = textwrap.dedent("""
 
 
 def _free_port():
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
 
 
 @pytest.mark.multihost
 def test_two_hosts_read_disjoint_covering_shards(tmp_path):
-    data = str(tmp_path / "ds")
-    fake_shards.write_dataset(data, N, records_per_shard=7)
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    port = _free_port()
-    outs = [str(tmp_path / f"out{i}.json") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, str(script), str(port), str(i), data, outs[i]],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for i in range(2)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=120)[0].decode(errors="replace"))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
-    res = [json.load(open(o)) for o in outs]
-    assert [r["process_index"] for r in res] == [0, 1]
-    for r in res:
-        assert r["shapes"] == [[GLOBAL_BATCH, 8, 8, 3]] * STEPS
-        assert all(len(b) == GLOBAL_BATCH // 2 for b in r["local"])
-    host = [set(np.concatenate(r["local"]).tolist()) for r in res]
-    assert not host[0] & host[1]
-    assert host[0] | host[1] == set(range(N))
-    for step in range(STEPS):
-        want = res[0]["local"][step] + res[1]["local"][step]
-        assert res[0]["gathered"][step] == want == res[1]["gathered"][step]
+  data = str(tmp_path / "ds")
+  fake_shards.write_dataset(data, N, records_per_shard=7)
+  script = tmp_path / "child.py"
+  script.write_text(CHILD)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  )
+  port = _free_port()
+  outs = [str(tmp_path / f"out{i}.json") for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(script), str(port), str(i), data, outs[i]],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+    )
+    for i in range(2)
+  ]
+  logs = []
+  try:
+    for p in procs:
+      logs.append(p.communicate(timeout=120)[0].decode(errors="replace"))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+  res = [json.load(open(o)) for o in outs]
+  assert [r["process_index"] for r in res] == [0, 1]
+  for r in res:
+    assert r["shapes"] == [[GLOBAL_BATCH, 8, 8, 3]] * STEPS
+    assert all(len(b) == GLOBAL_BATCH // 2 for b in r["local"])
+  host = [set(np.concatenate(r["local"]).tolist()) for r in res]
+  assert not host[0] & host[1]
+  assert host[0] | host[1] == set(range(N))
+  for step in range(STEPS):
+    want = res[0]["local"][step] + res[1]["local"][step]
+    assert res[0]["gathered"][step] == want == res[1]["gathered"][step]

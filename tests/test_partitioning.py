@@ -16,8 +16,12 @@ from facediff.models import unet as U
 # One resolution level keeps compile times small; it still has every layer kind
 # (convs, GroupNorm/LayerNorm, self/cross attention, GEGLU, time MLP).
 CONFIG = U.UNetConfig.tiny(
-    in_channels=9, sample_size=8, block_out_channels=(32,),
-    down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
+  in_channels=9,
+  sample_size=8,
+  block_out_channels=(32,),
+  down_block_types=("CrossAttnDownBlock2D",),
+  up_block_types=("CrossAttnUpBlock2D",),
+)
 
 
 def test_make_mesh_fills_in():
@@ -36,23 +40,24 @@ def test_make_mesh_fills_in():
 def test_rules_priority_and_divisibility():
   mesh = part.make_mesh({"data": 2, "fsdp": 4})
   spec = functools.partial(part.logical_to_mesh_spec, mesh=mesh)
-  assert spec(("embed", "mlp"), (320, 2560)) == P(None, "fsdp")   # mlp outranks embed
+  assert spec(("embed", "mlp"), (320, 2560)) == P(None, "fsdp")  # mlp outranks embed
   assert spec(("mlp", "embed"), (1280, 320)) == P("fsdp", None)
   assert spec(("cross_embed", "heads"), (768, 320)) == P(None, "fsdp")
-  assert spec(("conv_h", "conv_w", "conv_in", "conv_out"), (3, 3, 9, 320)) == \
-      P(None, None, None, "fsdp")
+  assert spec(("conv_h", "conv_w", "conv_in", "conv_out"), (3, 3, 9, 320)) == P(
+    None, None, None, "fsdp"
+  )
   # 4 output channels do not split 8 ways: the input channels take the fsdp axis instead
   mesh8 = part.make_mesh({"data": 1, "fsdp": 8})
-  assert part.logical_to_mesh_spec(("conv_h", "conv_w", "conv_in", "conv_out"),
-                                   (3, 3, 320, 4), mesh8) == P(None, None, "fsdp", None)
+  assert part.logical_to_mesh_spec(
+    ("conv_h", "conv_w", "conv_in", "conv_out"), (3, 3, 320, 4), mesh8
+  ) == P(None, None, "fsdp", None)
   assert spec(("norm",), (320,)) == P(None)
   assert spec(("conv_out",), (6,)) == P(None)  # indivisible -> replicated
 
 
 def _expected_spec(names, shape, fsdp=4):
   """The rules written out by hand: first of this priority list that divides gets fsdp."""
-  for name in ("vocab", "mlp", "heads", "conv_out", "embed", "cross_embed",
-               "conv_in"):
+  for name in ("vocab", "mlp", "heads", "conv_out", "embed", "cross_embed", "conv_in"):
     for i, n in enumerate(names):
       if n == name and shape[i] % fsdp == 0:
         return P(*["fsdp" if j == i else None for j in range(len(shape))])

@@ -21,18 +21,32 @@ from facediff.models import unet as U  # noqa: E402
 # B = 3 levels, per-block layers / heads / transformer layers, linear projections,
 # sin/cos order and freq shift changed, an odd latent size (forces upsample sizes).
 CONFIG_A = dict(
-    sample_size=16, in_channels=9, out_channels=4, block_out_channels=(32, 64),
-    layers_per_block=1, attention_head_dim=2, cross_attention_dim=32, norm_num_groups=8,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+  sample_size=16,
+  in_channels=9,
+  out_channels=4,
+  block_out_channels=(32, 64),
+  layers_per_block=1,
+  attention_head_dim=2,
+  cross_attention_dim=32,
+  norm_num_groups=8,
+  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
 )
 CONFIG_B = dict(
-    sample_size=10, in_channels=4, out_channels=3, block_out_channels=(16, 32, 32),
-    layers_per_block=(2, 1, 1), attention_head_dim=(2, 4, 4), cross_attention_dim=24,
-    norm_num_groups=8, transformer_layers_per_block=(2, 1, 1), use_linear_projection=True,
-    flip_sin_to_cos=False, freq_shift=1,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+  sample_size=10,
+  in_channels=4,
+  out_channels=3,
+  block_out_channels=(16, 32, 32),
+  layers_per_block=(2, 1, 1),
+  attention_head_dim=(2, 4, 4),
+  cross_attention_dim=24,
+  norm_num_groups=8,
+  transformer_layers_per_block=(2, 1, 1),
+  use_linear_projection=True,
+  flip_sin_to_cos=False,
+  freq_shift=1,
+  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
 )
 
 
@@ -72,8 +86,9 @@ def _flax_out(config, params, x, t, ctx):
 
 def _converted(m):
   config = cu.config_from_diffusers(dict(m.config))
-  return config, cu.convert_unet_state_dict({k: v.numpy() for k, v in m.state_dict().items()},
-                                            config)
+  return config, cu.convert_unet_state_dict(
+    {k: v.numpy() for k, v in m.state_dict().items()}, config
+  )
 
 
 def test_parity_config_a_via_pipeline_folder(tmp_path):
@@ -96,7 +111,8 @@ def test_parity_config_b_bin_weights_nhwc(tmp_path):
   ref = _torch_out(m, x, t, ctx)
   # NHWC path directly through the module
   out = jax.jit(U.UNet2DConditionModel(config).apply)(
-      {"params": params}, jnp.asarray(x.numpy()).transpose(0, 2, 3, 1), t.numpy(), ctx.numpy())
+    {"params": params}, jnp.asarray(x.numpy()).transpose(0, 2, 3, 1), t.numpy(), ctx.numpy()
+  )
   np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), ref, atol=1e-4, rtol=1e-4)
 
 
@@ -117,8 +133,8 @@ def test_export_round_trip(tmp_path):
   leaves, tree = jax.tree.flatten(params)
   rng = np.random.default_rng(0)
   params_plain = jax.tree.unflatten(
-      tree, [np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32)
-             for x in leaves])
+    tree, [np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32) for x in leaves]
+  )
   folder = cu.save_unet_pretrained(params_plain, config, tmp_path / "exported")
   with open(os.path.join(folder, "config.json")) as f:
     assert json.load(f)["_class_name"] == "UNet2DConditionModel"
@@ -199,11 +215,22 @@ def test_sd14_parameter_count():
   assert U.count_params(wide) == 859_520_964 + 5 * 9 * 320  # conv_in widened only
   # the SD-1.4 tree has exactly diffusers' key set
   m = diffusers.UNet2DConditionModel(
-      block_out_channels=(32, 64, 64, 64), norm_num_groups=8, cross_attention_dim=16,
-      attention_head_dim=2)
-  ours = common.flatten_params(U.abstract_params(U.UNetConfig.sd14(
-      block_out_channels=(32, 64, 64, 64), norm_num_groups=8, cross_attention_dim=16,
-      attention_head_dim=2), sample_hw=(16, 16)))
+    block_out_channels=(32, 64, 64, 64),
+    norm_num_groups=8,
+    cross_attention_dim=16,
+    attention_head_dim=2,
+  )
+  ours = common.flatten_params(
+    U.abstract_params(
+      U.UNetConfig.sd14(
+        block_out_channels=(32, 64, 64, 64),
+        norm_num_groups=8,
+        cross_attention_dim=16,
+        attention_head_dim=2,
+      ),
+      sample_hw=(16, 16),
+    )
+  )
   theirs = common.torch_to_flax_generic({k: v.numpy() for k, v in m.state_dict().items()})
   assert sorted(ours) == sorted(theirs)
 
@@ -226,15 +253,20 @@ def test_sd14_parity_full_size():
   m = _torch_unet({k: v for k, v in cfg.items() if not k.startswith("_")})
   config = cu.config_from_diffusers(dict(m.config))
   params = cu.convert_unet_state_dict({k: v.numpy() for k, v in m.state_dict().items()}, config)
-  x, t, ctx = _inputs(dict(sample_size=32, in_channels=4, cross_attention_dim=768), batch=1,
-                      length=77)
+  x, t, ctx = _inputs(
+    dict(sample_size=32, in_channels=4, cross_attention_dim=768), batch=1, length=77
+  )
   ref = _torch_out(m, x, t, ctx)
   np.testing.assert_allclose(_flax_out(config, params, x, t, ctx), ref, atol=2e-3, rtol=1e-3)
 
 
 def test_remat_same_value_and_gradient():
-  config = U.UNetConfig.tiny(block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
-                             up_block_types=("CrossAttnUpBlock2D",), sample_size=8)
+  config = U.UNetConfig.tiny(
+    block_out_channels=(32,),
+    down_block_types=("CrossAttnDownBlock2D",),
+    up_block_types=("CrossAttnUpBlock2D",),
+    sample_size=8,
+  )
   params = jax.jit(lambda k: U.init_params(config, k, context_len=3))(jax.random.key(0))
   params = nn.unbox(params)
   k1, k2 = jax.random.split(jax.random.key(1))
@@ -247,7 +279,8 @@ def test_remat_same_value_and_gradient():
 
   v0, g0 = jax.jit(jax.value_and_grad(functools.partial(loss, cfg=config)))(params)
   v1, g1 = jax.jit(jax.value_and_grad(functools.partial(loss, cfg=config.replace(remat=True))))(
-      params)
+    params
+  )
   np.testing.assert_allclose(v1, v0, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
@@ -264,7 +297,8 @@ def test_attention_implementations_match_torch_sdpa(impl):
   layers._BLOCK_ELEMS = 64 * lk  # force several query blocks
   try:
     out = jax.jit(functools.partial(layers.multi_head_attention, heads=h, implementation=impl))(
-        q, k, v)
+      q, k, v
+    )
   finally:
     layers._BLOCK_ELEMS = layers_block
   tq, tk, tv = (torch.from_numpy(a).reshape(b, -1, h, d).transpose(1, 2) for a in (q, k, v))
@@ -278,7 +312,8 @@ def test_load_fp16_variant_and_sharded_index(tmp_path):
   m.half().save_pretrained(tmp_path / "half", variant="fp16")
   config, params = cu.load_unet(tmp_path / "half", variant="fp16")
   want = cu.convert_unet_state_dict(
-      {k: v.float().numpy() for k, v in m.state_dict().items()}, config)
+    {k: v.float().numpy() for k, v in m.state_dict().items()}, config
+  )
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
     assert a.dtype == np.float32
     np.testing.assert_array_equal(a, b)

@@ -26,37 +26,37 @@ DLN_DIM = 16
 
 
 class DLN(nn.Module):
-    def __init__(self, dim: int = DLN_DIM):
-        super().__init__()
-        self.face = inception_resnet_v1()
-        self.id = inception_resnet_v1()
-        self.proj = nn.Linear(2 * 512, dim)
+  def __init__(self, dim: int = DLN_DIM):
+    super().__init__()
+    self.face = inception_resnet_v1()
+    self.id = inception_resnet_v1()
+    self.proj = nn.Linear(2 * 512, dim)
 
-    def forward(self, x):
-        d = self.face(x) - self.id(x)  # V_exp = V_face - V_id
-        return polynomial_projection(self.proj, d)
+  def forward(self, x):
+    d = self.face(x) - self.id(x)  # V_exp = V_face - V_id
+    return polynomial_projection(self.proj, d)
 
 
 def polynomial_projection(proj: nn.Linear, d: torch.Tensor) -> torch.Tensor:
-    """Degree-2 polynomial projection of DLN (facediff's form): W [d; d*d] + b."""
-    return proj(torch.cat([d, d * d], dim=1))
+  """Degree-2 polynomial projection of DLN (facediff's form): W [d; d*d] + b."""
+  return proj(torch.cat([d, d * d], dim=1))
 
 
 @register("dln")
 class DLNEncoder(Encoder):
-    version = "facediff-dln/1"
-    crop = "facenet160"
-    weight_keys = ("dln",)
-    fields = {"exp_dln": Field("float32", (DLN_DIM,))}
-    batch_size = 16
+  version = "facediff-dln/1"
+  crop = "facenet160"
+  weight_keys = ("dln",)
+  fields = {"exp_dln": Field("float32", (DLN_DIM,))}
+  batch_size = 16
 
-    def __init__(self, weights=None, **options):
-        super().__init__(weights, **options)
-        self.net = DLN().eval()
-        path = self.weights["dln"]
-        load_into(self.net, load_state_dict(path, flag="dln"), flag="dln", path=path)
+  def __init__(self, weights=None, **options):
+    super().__init__(weights, **options)
+    self.net = DLN().eval()
+    path = self.weights["dln"]
+    load_into(self.net, load_state_dict(path, flag="dln"), flag="dln", path=path)
 
-    def __call__(self, batch):
-        if batch.ndim != 4 or batch.shape[1:] != (160, 160, 3):
-            raise ValueError(f"dln expects (B, 160, 160, 3) crops, got {batch.shape}")
-        return {"exp_dln": run(self.net, facenet_input(batch))}
+  def __call__(self, batch):
+    if batch.ndim != 4 or batch.shape[1:] != (160, 160, 3):
+      raise ValueError(f"dln expects (B, 160, 160, 3) crops, got {batch.shape}")
+    return {"exp_dln": run(self.net, facenet_input(batch))}

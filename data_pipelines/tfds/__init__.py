@@ -25,29 +25,43 @@ import os
 import tensorflow_datasets as tfds
 
 from data_pipelines.tfds import celeba, common, faceforensics, ffhq, mead, voxceleb
-from data_pipelines.tfds.celeba import (CelebAConfig, FacediffCelebamaskHq, FacediffCelebaHq,
-                                        celeba_hq_split)
+from data_pipelines.tfds.celeba import (
+  CelebAConfig,
+  FacediffCelebamaskHq,
+  FacediffCelebaHq,
+  celeba_hq_split,
+)
 from data_pipelines.tfds.common import FaceConfig, LayoutError
 from data_pipelines.tfds.faceforensics import FacediffFaceforensics, FFConfig
 from data_pipelines.tfds.ffhq import FacediffFfhq
 from data_pipelines.tfds.mead import FacediffMead, MeadConfig, mead_split
 from data_pipelines.tfds.voxceleb import FacediffVoxceleb1, VoxConfig
 
-BUILDERS = {b.name: b for b in (FacediffCelebaHq, FacediffCelebamaskHq, FacediffFfhq,
-                                FacediffFaceforensics, FacediffVoxceleb1, FacediffMead)}
+BUILDERS = {
+  b.name: b
+  for b in (
+    FacediffCelebaHq,
+    FacediffCelebamaskHq,
+    FacediffFfhq,
+    FacediffFaceforensics,
+    FacediffVoxceleb1,
+    FacediffMead,
+  )
+}
 
 
 def make_builder(name: str, data_dir: str, config: FaceConfig | None = None):
-    """The builder ``name`` writing ArrayRecord files under ``data_dir``."""
-    if name not in BUILDERS:
-        raise KeyError(f"unknown facediff tfds builder {name!r}; known: {sorted(BUILDERS)}")
-    kwargs = {} if config is None else {"config": config}
-    return BUILDERS[name](data_dir=os.fspath(data_dir), file_format="array_record", **kwargs)
+  """The builder ``name`` writing ArrayRecord files under ``data_dir``."""
+  if name not in BUILDERS:
+    raise KeyError(f"unknown facediff tfds builder {name!r}; known: {sorted(BUILDERS)}")
+  kwargs = {} if config is None else {"config": config}
+  return BUILDERS[name](data_dir=os.fspath(data_dir), file_format="array_record", **kwargs)
 
 
 def prepare(name: str, manual_dir: str, data_dir: str, config: FaceConfig | None = None):
-    """Builds ``name`` from ``manual_dir`` (once) and returns ``{split: data source}``."""
-    builder = make_builder(name, data_dir, config)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
-    return builder.as_data_source()
+  """Builds ``name`` from ``manual_dir`` (once) and returns ``{split: data source}``."""
+  builder = make_builder(name, data_dir, config)
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
+  )
+  return builder.as_data_source()

@@ -30,89 +30,96 @@ METHODS = ("original", "Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures", "
 
 
 def method_dir(method: str) -> str:
-    if method == "original":
-        return os.path.join("original_sequences", "youtube")
-    if method not in METHODS:
-        raise ValueError(f"unknown FaceForensics++ method {method!r}; expected {METHODS}")
-    return os.path.join("manipulated_sequences", method)
+  if method == "original":
+    return os.path.join("original_sequences", "youtube")
+  if method not in METHODS:
+    raise ValueError(f"unknown FaceForensics++ method {method!r}; expected {METHODS}")
+  return os.path.join("manipulated_sequences", method)
 
 
 @dataclasses.dataclass
 class FFConfig(common.FaceConfig):
-    compression: str = "c23"
-    methods: tuple[str, ...] = ("original",)
+  compression: str = "c23"
+  methods: tuple[str, ...] = ("original",)
 
 
 def _split_of(manual: str) -> dict[str, str] | None:
-    """{original video id: split} from splits/*.json, or None if there are none."""
-    folder = os.path.join(manual, "splits")
-    if not os.path.isdir(folder):
-        return None
-    table = {}
-    for split in ("train", "val", "test"):
-        path = os.path.join(folder, f"{split}.json")
-        if not os.path.exists(path):
-            raise common.LayoutError(f"{path}: missing (splits/ needs train, val, test)")
-        with open(path) as f:
-            try:
-                pairs = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from e
-        for pair in pairs:
-            for vid in pair:
-                table[str(vid)] = split
-    return table
+  """{original video id: split} from splits/*.json, or None if there are none."""
+  folder = os.path.join(manual, "splits")
+  if not os.path.isdir(folder):
+    return None
+  table = {}
+  for split in ("train", "val", "test"):
+    path = os.path.join(folder, f"{split}.json")
+    if not os.path.exists(path):
+      raise common.LayoutError(f"{path}: missing (splits/ needs train, val, test)")
+    with open(path) as f:
+      try:
+        pairs = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    for pair in pairs:
+      for vid in pair:
+        table[str(vid)] = split
+  return table
 
 
 class FacediffFaceforensics(common.Builder):
-    """FaceForensics++ video frames with method, video and frame labels."""
+  """FaceForensics++ video frames with method, video and frame labels."""
 
-    name = "facediff_faceforensics"
-    VERSION = tfds.core.Version("1.0.0")
-    BUILDER_CONFIG_CLASS = FFConfig
-    BUILDER_CONFIGS = [FFConfig(name="default", description="original youtube, c23")]
-    MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Download FaceForensics++ with the official script (videos, and optionally "
-        "extract frames with dataset/extract_compressed_videos.py) into manual_dir, "
-        "keeping original_sequences/ and manipulated_sequences/; copy the repo's "
-        "dataset/splits/*.json to manual_dir/splits/ for train/val/test splits.")
+  name = "facediff_faceforensics"
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIG_CLASS = FFConfig
+  BUILDER_CONFIGS = [FFConfig(name="default", description="original youtube, c23")]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+    "Download FaceForensics++ with the official script (videos, and optionally "
+    "extract frames with dataset/extract_compressed_videos.py) into manual_dir, "
+    "keeping original_sequences/ and manipulated_sequences/; copy the repo's "
+    "dataset/splits/*.json to manual_dir/splits/ for train/val/test splits."
+  )
 
-    def _info(self):
-        return tfds.core.DatasetInfo(
-            builder=self, description=__doc__,
-            features=tfds.features.FeaturesDict({
-                "image": common.image_feature(self.builder_config, encoding="png"),
-                "method": tfds.features.ClassLabel(names=METHODS),
-                "video": tfds.features.Text(),
-                "frame": np.int32,
-            }))
+  def _info(self):
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": common.image_feature(self.builder_config, encoding="png"),
+          "method": tfds.features.ClassLabel(names=METHODS),
+          "video": tfds.features.Text(),
+          "frame": np.int32,
+        }
+      ),
+    )
 
-    def _split_generators(self, dl_manager):
-        manual = os.fspath(dl_manager.manual_dir)
-        cfg = self.builder_config
-        splits = _split_of(manual)
-        per_split: dict[str, list] = {}
-        for method in cfg.methods:
-            base = os.path.join(manual, method_dir(method), cfg.compression)
-            images, videos = os.path.join(base, "images"), os.path.join(base, "videos")
-            clips = dict(common.clips_in(videos)) if os.path.isdir(videos) else {}
-            if os.path.isdir(images):  # extracted frames win over the video
-                clips.update({k: v for k, v in common.clips_in(images) if os.path.isdir(v)})
-            if not clips:
-                raise common.LayoutError(f"{base}: no videos/<video>.mp4 or images/<video>/")
-            for video, path in sorted(clips.items()):
-                if splits is None:
-                    split = "all"
-                else:
-                    split = splits.get(video.split("_")[0])
-                    if split is None:
-                        continue  # not in the official splits
-                per_split.setdefault(split, []).append((method, video, path))
-        return {k: self._generate_examples(v) for k, v in per_split.items()}
+  def _split_generators(self, dl_manager):
+    manual = os.fspath(dl_manager.manual_dir)
+    cfg = self.builder_config
+    splits = _split_of(manual)
+    per_split: dict[str, list] = {}
+    for method in cfg.methods:
+      base = os.path.join(manual, method_dir(method), cfg.compression)
+      images, videos = os.path.join(base, "images"), os.path.join(base, "videos")
+      clips = dict(common.clips_in(videos)) if os.path.isdir(videos) else {}
+      if os.path.isdir(images):  # extracted frames win over the video
+        clips.update({k: v for k, v in common.clips_in(images) if os.path.isdir(v)})
+      if not clips:
+        raise common.LayoutError(f"{base}: no videos/<video>.mp4 or images/<video>/")
+      for video, path in sorted(clips.items()):
+        if splits is None:
+          split = "all"
+        else:
+          split = splits.get(video.split("_")[0])
+          if split is None:
+            continue  # not in the official splits
+        per_split.setdefault(split, []).append((method, video, path))
+    return {k: self._generate_examples(v) for k, v in per_split.items()}
 
-    def _generate_examples(self, items):
-        cfg = self.builder_config
-        for method, video, path in items:
-            for frame, data in common.clip_frames(path, cfg):
-                yield f"{method}/{video}/{frame}", {
-                    "image": data, "method": method, "video": video, "frame": frame}
+  def _generate_examples(self, items):
+    cfg = self.builder_config
+    for method, video, path in items:
+      for frame, data in common.clip_frames(path, cfg):
+        yield (
+          f"{method}/{video}/{frame}",
+          {"image": data, "method": method, "video": video, "frame": frame},
+        )

@@ -122,8 +122,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
       import torch  # noqa: PLC0415
     except ImportError as e:
       raise ImportError(
-          f"reading {path} (a PyTorch pickle) needs torch; install it or convert the file "
-          "to .safetensors"
+        f"reading {path} (a PyTorch pickle) needs torch; install it or convert the file "
+        "to .safetensors"
       ) from e
     try:
       obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -134,16 +134,19 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not isinstance(obj, Mapping):
       raise ValueError(f"{path} does not hold a state dict (got {type(obj).__name__})")
     return {
-        str(k): _torch_tensor_to_numpy(v) for k, v in obj.items() if isinstance(v, torch.Tensor)
+      str(k): _torch_tensor_to_numpy(v) for k, v in obj.items() if isinstance(v, torch.Tensor)
     }
   raise ValueError(
-      f"unsupported checkpoint extension {ext!r} for {path} "
-      "(expected .safetensors, .bin, .pt, .pth or .ckpt)"
+    f"unsupported checkpoint extension {ext!r} for {path} "
+    "(expected .safetensors, .bin, .pt, .pth or .ckpt)"
   )
 
 
-def write_safetensors(state_dict: Mapping[str, np.ndarray], path: str | os.PathLike,
-                      metadata: Mapping[str, str] | None = None) -> None:
+def write_safetensors(
+  state_dict: Mapping[str, np.ndarray],
+  path: str | os.PathLike,
+  metadata: Mapping[str, str] | None = None,
+) -> None:
   """Writes {name: array} to a .safetensors file (contiguous float/int numpy arrays)."""
   from safetensors.numpy import save_file  # noqa: PLC0415
 
@@ -213,11 +216,11 @@ def unflatten_params(flat: Mapping[str, Any], sep: str = SEP) -> dict[str, Any]:
 
 
 def match_params(
-    expected: Mapping[str, Any],
-    converted: Mapping[str, Any],
-    source: str,
-    *,
-    dtype=np.float32,
+  expected: Mapping[str, Any],
+  converted: Mapping[str, Any],
+  source: str,
+  *,
+  dtype=np.float32,
 ) -> dict[str, Any]:
   """Checks a converted param dict against the expected flax param tree, strictly.
 
@@ -228,14 +231,17 @@ def match_params(
   unexpected and mis-shaped key at once.
   """
   exp_flat = flatten_params(expected)
-  got_flat = dict(converted) if all(not isinstance(v, Mapping) for v in converted.values()) \
-      else flatten_params(converted)
+  got_flat = (
+    dict(converted)
+    if all(not isinstance(v, Mapping) for v in converted.values())
+    else flatten_params(converted)
+  )
   missing = [k for k in exp_flat if k not in got_flat]
   unexpected = [k for k in got_flat if k not in exp_flat]
   mismatched = [
-      (k, tuple(exp_flat[k].shape), tuple(np.shape(got_flat[k])))
-      for k in exp_flat
-      if k in got_flat and tuple(exp_flat[k].shape) != tuple(np.shape(got_flat[k]))
+    (k, tuple(exp_flat[k].shape), tuple(np.shape(got_flat[k])))
+    for k in exp_flat
+    if k in got_flat and tuple(exp_flat[k].shape) != tuple(np.shape(got_flat[k]))
   ]
   if missing or unexpected or mismatched:
     raise StateDictMismatchError(source, missing, unexpected, mismatched)
@@ -246,8 +252,17 @@ def match_params(
 
 # Module-list names used by diffusers' UNet / VAE / transformer blocks.
 DIFFUSERS_LIST_NAMES = (
-    "down_blocks", "up_blocks", "resnets", "attentions", "downsamplers", "upsamplers",
-    "transformer_blocks", "net", "to_out", "layers", "mid_blocks",
+  "down_blocks",
+  "up_blocks",
+  "resnets",
+  "attentions",
+  "downsamplers",
+  "upsamplers",
+  "transformer_blocks",
+  "net",
+  "to_out",
+  "layers",
+  "mid_blocks",
 )
 
 
@@ -267,9 +282,9 @@ def torch_key_to_flax_path(key: str) -> tuple[str, str]:
   return SEP.join(merged), parts[-1]
 
 
-
-def flax_path_to_torch_key(path: str, param: str,
-                           list_names: Iterable[str] = DIFFUSERS_LIST_NAMES) -> str:
+def flax_path_to_torch_key(
+  path: str, param: str, list_names: Iterable[str] = DIFFUSERS_LIST_NAMES
+) -> str:
   """Inverse of ``torch_key_to_flax_path`` for module lists named in ``list_names``:
   (``down_blocks_0/resnets_1/conv1``, ``weight``) -> ``down_blocks.0.resnets.1.conv1.weight``.
   """
@@ -311,12 +326,13 @@ def torch_to_flax_generic(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.
 
 
 def flax_to_torch_generic(
-    params: Mapping[str, Any], list_names: Iterable[str] = DIFFUSERS_LIST_NAMES
+  params: Mapping[str, Any], list_names: Iterable[str] = DIFFUSERS_LIST_NAMES
 ) -> dict[str, np.ndarray]:
   """Inverse of ``torch_to_flax_generic``: nested (or flat) flax params -> torch-style dict
   (float32 numpy, contiguous)."""
-  flat = flatten_params(params) if any(isinstance(v, Mapping) for v in params.values()) \
-      else dict(params)
+  flat = (
+    flatten_params(params) if any(isinstance(v, Mapping) for v in params.values()) else dict(params)
+  )
   list_names = tuple(list_names)
   out: dict[str, np.ndarray] = {}
   for key, v in flat.items():

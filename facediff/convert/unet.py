@@ -31,41 +31,54 @@ DIFFUSERS_VERSION = "0.42.1"
 
 # diffusers config fields that facediff's UNet reproduces only at these values.
 _REQUIRED_DEFAULTS: dict[str, Any] = {
-    "center_input_sample": False,
-    "mid_block_type": "UNetMidBlock2DCrossAttn",
-    "only_cross_attention": False,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
-    "act_fn": "silu",
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "dual_cross_attention": False,
-    "class_embed_type": None,
-    "addition_embed_type": None,
-    "num_class_embeds": None,
-    "resnet_time_scale_shift": "default",
-    "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0,
-    "time_embedding_type": "positional",
-    "time_embedding_dim": None,
-    "time_embedding_act_fn": None,
-    "timestep_post_act": None,
-    "time_cond_proj_dim": None,
-    "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None,
-    "attention_type": "default",
-    "class_embeddings_concat": False,
-    "mid_block_only_cross_attention": None,
-    "cross_attention_norm": None,
-    "reverse_transformer_layers_per_block": None,
+  "center_input_sample": False,
+  "mid_block_type": "UNetMidBlock2DCrossAttn",
+  "only_cross_attention": False,
+  "downsample_padding": 1,
+  "mid_block_scale_factor": 1,
+  "act_fn": "silu",
+  "encoder_hid_dim": None,
+  "encoder_hid_dim_type": None,
+  "dual_cross_attention": False,
+  "class_embed_type": None,
+  "addition_embed_type": None,
+  "num_class_embeds": None,
+  "resnet_time_scale_shift": "default",
+  "resnet_skip_time_act": False,
+  "resnet_out_scale_factor": 1.0,
+  "time_embedding_type": "positional",
+  "time_embedding_dim": None,
+  "time_embedding_act_fn": None,
+  "timestep_post_act": None,
+  "time_cond_proj_dim": None,
+  "conv_in_kernel": 3,
+  "conv_out_kernel": 3,
+  "projection_class_embeddings_input_dim": None,
+  "attention_type": "default",
+  "class_embeddings_concat": False,
+  "mid_block_only_cross_attention": None,
+  "cross_attention_norm": None,
+  "reverse_transformer_layers_per_block": None,
 }
 
 _CONFIG_FIELDS = (
-    "in_channels", "out_channels", "sample_size", "block_out_channels", "layers_per_block",
-    "attention_head_dim", "num_attention_heads", "cross_attention_dim", "down_block_types",
-    "up_block_types", "norm_num_groups", "norm_eps", "transformer_layers_per_block",
-    "use_linear_projection", "flip_sin_to_cos", "freq_shift", "dropout",
+  "in_channels",
+  "out_channels",
+  "sample_size",
+  "block_out_channels",
+  "layers_per_block",
+  "attention_head_dim",
+  "num_attention_heads",
+  "cross_attention_dim",
+  "down_block_types",
+  "up_block_types",
+  "norm_num_groups",
+  "norm_eps",
+  "transformer_layers_per_block",
+  "use_linear_projection",
+  "flip_sin_to_cos",
+  "freq_shift",
+  "dropout",
 )
 
 
@@ -73,8 +86,9 @@ def _tuplify(v):
   return tuple(_tuplify(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
-def config_from_diffusers(cfg: Mapping[str, Any], source: str = "config",
-                          **overrides) -> UNetConfig:
+def config_from_diffusers(
+  cfg: Mapping[str, Any], source: str = "config", **overrides
+) -> UNetConfig:
   """UNetConfig from a diffusers UNet2DConditionModel config.json dict.
 
   ``overrides`` set facediff-only fields (dtype, param_dtype, remat)."""
@@ -86,8 +100,9 @@ def config_from_diffusers(cfg: Mapping[str, Any], source: str = "config",
       ok = got == want
     if not ok:
       raise ValueError(
-          f"{source}: UNet config field {field!r} = {got!r} is not supported by facediff "
-          f"(only {want!r})")
+        f"{source}: UNet config field {field!r} = {got!r} is not supported by facediff "
+        f"(only {want!r})"
+      )
   kw: dict[str, Any] = {}
   for f in _CONFIG_FIELDS:
     if f in cfg and cfg[f] is not None:
@@ -117,8 +132,10 @@ def config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
   def lst(v):
     return list(v) if isinstance(v, tuple) else v
 
-  out: dict[str, Any] = {"_class_name": "UNet2DConditionModel",
-                         "_diffusers_version": DIFFUSERS_VERSION}
+  out: dict[str, Any] = {
+    "_class_name": "UNet2DConditionModel",
+    "_diffusers_version": DIFFUSERS_VERSION,
+  }
   for f in _CONFIG_FIELDS:
     out[f] = lst(getattr(config, f))
   out.update({k: v for k, v in _REQUIRED_DEFAULTS.items()})
@@ -132,7 +149,7 @@ def config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
 
 
 def convert_unet_state_dict(
-    state_dict: Mapping[str, np.ndarray], config: UNetConfig, source: str = "<state dict>"
+  state_dict: Mapping[str, np.ndarray], config: UNetConfig, source: str = "<state dict>"
 ) -> dict:
   """diffusers UNet state dict -> facediff params (float32 numpy, nested dict).
 
@@ -156,8 +173,9 @@ def _unet_dir(path: str) -> str:
   if has_unet_dir:
     return os.path.join(path, "unet")
   raise FileNotFoundError(
-      f"{path} is neither a diffusers UNet folder (config.json + {WEIGHT_NAME}.*) nor a "
-      "pipeline folder with a unet/ sub-folder")
+    f"{path} is neither a diffusers UNet folder (config.json + {WEIGHT_NAME}.*) nor a "
+    "pipeline folder with a unet/ sub-folder"
+  )
 
 
 def load_unet_config(path: str, **overrides) -> UNetConfig:
@@ -171,8 +189,9 @@ def load_unet_config(path: str, **overrides) -> UNetConfig:
   return config_from_diffusers(cfg, source=cfg_path, **overrides)
 
 
-def load_unet(path: str | os.PathLike, *, variant: str | None = None,
-              **config_overrides) -> tuple[UNetConfig, dict]:
+def load_unet(
+  path: str | os.PathLike, *, variant: str | None = None, **config_overrides
+) -> tuple[UNetConfig, dict]:
   """Loads (config, params) from a diffusers pipeline folder or its ``unet/`` folder."""
   folder = _unet_dir(os.fspath(path))
   config = load_unet_config(folder, **config_overrides)
@@ -191,8 +210,9 @@ def save_unet_pretrained(params, config: UNetConfig, folder: str | os.PathLike) 
   os.makedirs(folder, exist_ok=True)
   with open(os.path.join(folder, CONFIG_NAME), "w") as f:
     json.dump(config_to_diffusers(config), f, indent=2, sort_keys=True)
-  common.write_safetensors(unet_params_to_diffusers(params),
-                           os.path.join(folder, f"{WEIGHT_NAME}.safetensors"))
+  common.write_safetensors(
+    unet_params_to_diffusers(params), os.path.join(folder, f"{WEIGHT_NAME}.safetensors")
+  )
   return folder
 
 
@@ -210,7 +230,8 @@ def widen_conv_in(params, config: UNetConfig, in_channels: int) -> tuple[UNetCon
   kernel = np.asarray(conv["kernel"])
   if kernel.shape[2] != old:
     raise ValueError(
-        f"widen_conv_in: conv_in/kernel has {kernel.shape[2]} input channels, config says {old}")
+      f"widen_conv_in: conv_in/kernel has {kernel.shape[2]} input channels, config says {old}"
+    )
   pad = np.zeros(kernel.shape[:2] + (in_channels - old, kernel.shape[3]), kernel.dtype)
   conv["kernel"] = np.concatenate([kernel, pad], axis=2)
   plain["conv_in"] = conv

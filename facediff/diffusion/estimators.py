@@ -31,77 +31,84 @@ EpsFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
 
 
 class X0Estimate(NamedTuple):
-    x0: jax.Array  # z0*, the estimate of the clean sample
-    eps: jax.Array  # the denoiser's output at (z_t, t), for the L_DM term
-    t1: jax.Array  # the intermediate timestep (equal to t for one_step)
+  x0: jax.Array  # z0*, the estimate of the clean sample
+  eps: jax.Array  # the denoiser's output at (z_t, t), for the L_DM term
+  t1: jax.Array  # the intermediate timestep (equal to t for one_step)
 
 
 def _as_t(t: Any, z_t: jax.Array, schedule: NoiseSchedule) -> jax.Array:
-    S.check_timesteps(t, schedule.num_train_timesteps)
-    t = jnp.asarray(t, jnp.int32)
-    return jnp.broadcast_to(t, (z_t.shape[0],)) if t.ndim == 0 else t
+  S.check_timesteps(t, schedule.num_train_timesteps)
+  t = jnp.asarray(t, jnp.int32)
+  return jnp.broadcast_to(t, (z_t.shape[0],)) if t.ndim == 0 else t
 
 
-def one_step_x0(eps_fn: EpsFn, schedule: NoiseSchedule, z_t: jax.Array, t: Any,
-                cond: Any = None) -> X0Estimate:
-    """DiffSFSR Eq. 1 inverted: z0* = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-    t = _as_t(t, z_t, schedule)
-    eps = eps_fn(z_t, t, cond)
-    return X0Estimate(S.predict_x0(schedule, z_t, t, eps), eps, t)
+def one_step_x0(
+  eps_fn: EpsFn, schedule: NoiseSchedule, z_t: jax.Array, t: Any, cond: Any = None
+) -> X0Estimate:
+  """DiffSFSR Eq. 1 inverted: z0* = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+  t = _as_t(t, z_t, schedule)
+  eps = eps_fn(z_t, t, cond)
+  return X0Estimate(S.predict_x0(schedule, z_t, t, eps), eps, t)
 
 
-def midpoint_jump(schedule: NoiseSchedule, z_t: jax.Array, t: jax.Array, t1: jax.Array,
-                  eps: jax.Array) -> jax.Array:
-    """DiffSFSR Eq. 8 (DiffSwap's midpoint step):
-    z_{t1} = (z_t - sqrt(1 - abar_t / abar_t1) eps) / sqrt(abar_t / abar_t1)."""
-    ratio = (S.gather(schedule.alphas_cumprod, t, z_t)
-             / S.gather(schedule.alphas_cumprod, t1, z_t))
-    return (z_t - jnp.sqrt(jnp.maximum(1.0 - ratio, 0.0)) * eps) / jnp.sqrt(ratio)
+def midpoint_jump(
+  schedule: NoiseSchedule, z_t: jax.Array, t: jax.Array, t1: jax.Array, eps: jax.Array
+) -> jax.Array:
+  """DiffSFSR Eq. 8 (DiffSwap's midpoint step):
+  z_{t1} = (z_t - sqrt(1 - abar_t / abar_t1) eps) / sqrt(abar_t / abar_t1)."""
+  ratio = S.gather(schedule.alphas_cumprod, t, z_t) / S.gather(schedule.alphas_cumprod, t1, z_t)
+  return (z_t - jnp.sqrt(jnp.maximum(1.0 - ratio, 0.0)) * eps) / jnp.sqrt(ratio)
 
 
-def second_call_x0(eps_fn: EpsFn, schedule: NoiseSchedule, z_t1: jax.Array, t1: jax.Array,
-                   cond: Any) -> jax.Array:
-    """DiffSFSR Eq. 9: z0* = (z_t1 - sqrt(1 - abar_t1) eps(z_t1, t1)) / sqrt(abar_t1)."""
-    return S.predict_x0(schedule, z_t1, t1, eps_fn(z_t1, t1, cond))
+def second_call_x0(
+  eps_fn: EpsFn, schedule: NoiseSchedule, z_t1: jax.Array, t1: jax.Array, cond: Any
+) -> jax.Array:
+  """DiffSFSR Eq. 9: z0* = (z_t1 - sqrt(1 - abar_t1) eps(z_t1, t1)) / sqrt(abar_t1)."""
+  return S.predict_x0(schedule, z_t1, t1, eps_fn(z_t1, t1, cond))
 
 
-def midpoint_x0(eps_fn: EpsFn, schedule: NoiseSchedule, z_t: jax.Array, t: Any,
-                cond: Any = None) -> X0Estimate:
-    """DiffSwap's midpoint sampling: Eq. 8 to t1 = floor(t/2), then Eq. 9."""
-    t = _as_t(t, z_t, schedule)
-    t1 = t // 2
-    eps = eps_fn(z_t, t, cond)
-    z_t1 = midpoint_jump(schedule, z_t, t, t1, eps)
-    return X0Estimate(second_call_x0(eps_fn, schedule, z_t1, t1, cond), eps, t1)
+def midpoint_x0(
+  eps_fn: EpsFn, schedule: NoiseSchedule, z_t: jax.Array, t: Any, cond: Any = None
+) -> X0Estimate:
+  """DiffSwap's midpoint sampling: Eq. 8 to t1 = floor(t/2), then Eq. 9."""
+  t = _as_t(t, z_t, schedule)
+  t1 = t // 2
+  eps = eps_fn(z_t, t, cond)
+  z_t1 = midpoint_jump(schedule, z_t, t, t1, eps)
+  return X0Estimate(second_call_x0(eps_fn, schedule, z_t1, t1, cond), eps, t1)
 
 
-def improved_midpoint_x0(eps_fn: EpsFn, schedule: NoiseSchedule, z_t: jax.Array, t: Any,
-                         cond: Any = None) -> X0Estimate:
-    """DiffSFSR section 3.3, improved midpoint sampling.
+def improved_midpoint_x0(
+  eps_fn: EpsFn, schedule: NoiseSchedule, z_t: jax.Array, t: Any, cond: Any = None
+) -> X0Estimate:
+  """DiffSFSR section 3.3, improved midpoint sampling.
 
-    eps = eps(z_t, t); x0_hat = Eq. 1 inverted; z_{t1} = A z_t + B x0_hat, the closed
-    form of Eq. 2's posterior mean applied for s = t, ..., t1+1 with x0_hat fixed
-    (``schedules.posterior_chain``); then Eq. 9 with a second call at t1 = floor(t/2).
-    """
-    t = _as_t(t, z_t, schedule)
-    t1 = t // 2
-    eps = eps_fn(z_t, t, cond)
-    x0_hat = S.predict_x0(schedule, z_t, t, eps)
-    a, b = S.posterior_chain(schedule, t, t1)
-    z_t1 = S.expand_to(a, z_t) * z_t + S.expand_to(b, z_t) * x0_hat
-    return X0Estimate(second_call_x0(eps_fn, schedule, z_t1, t1, cond), eps, t1)
+  eps = eps(z_t, t); x0_hat = Eq. 1 inverted; z_{t1} = A z_t + B x0_hat, the closed
+  form of Eq. 2's posterior mean applied for s = t, ..., t1+1 with x0_hat fixed
+  (``schedules.posterior_chain``); then Eq. 9 with a second call at t1 = floor(t/2).
+  """
+  t = _as_t(t, z_t, schedule)
+  t1 = t // 2
+  eps = eps_fn(z_t, t, cond)
+  x0_hat = S.predict_x0(schedule, z_t, t, eps)
+  a, b = S.posterior_chain(schedule, t, t1)
+  z_t1 = S.expand_to(a, z_t) * z_t + S.expand_to(b, z_t) * x0_hat
+  return X0Estimate(second_call_x0(eps_fn, schedule, z_t1, t1, cond), eps, t1)
 
 
 ESTIMATORS: dict[str, Callable[..., X0Estimate]] = {
-    "one_step": one_step_x0,
-    "midpoint": midpoint_x0,
-    "improved_midpoint": improved_midpoint_x0,
+  "one_step": one_step_x0,
+  "midpoint": midpoint_x0,
+  "improved_midpoint": improved_midpoint_x0,
 }
 
 
-def estimate_x0(name: str, eps_fn: EpsFn, schedule: NoiseSchedule, z_t: jax.Array, t: Any,
-                cond: Any = None) -> X0Estimate:
-    """Dispatches to an estimator by name (a config string)."""
-    if name not in ESTIMATORS:
-        raise ValueError(f"x0_estimator: unknown estimator {name!r}; expected one of {sorted(ESTIMATORS)}")
-    return ESTIMATORS[name](eps_fn, schedule, z_t, t, cond)
+def estimate_x0(
+  name: str, eps_fn: EpsFn, schedule: NoiseSchedule, z_t: jax.Array, t: Any, cond: Any = None
+) -> X0Estimate:
+  """Dispatches to an estimator by name (a config string)."""
+  if name not in ESTIMATORS:
+    raise ValueError(
+      f"x0_estimator: unknown estimator {name!r}; expected one of {sorted(ESTIMATORS)}"
+    )
+  return ESTIMATORS[name](eps_fn, schedule, z_t, t, cond)

@@ -59,17 +59,17 @@ def torch_default_kernel_init() -> Callable:
 
 
 def Conv(
-    features: int,
-    kernel_size: int = 3,
-    strides: int = 1,
-    padding: int | tuple[tuple[int, int], tuple[int, int]] = 1,
-    *,
-    use_bias: bool = True,
-    dtype: Dtype = jnp.float32,
-    param_dtype: Dtype = jnp.float32,
-    kernel_init: Callable | None = None,
-    bias_init: Callable | None = None,
-    name: str | None = None,
+  features: int,
+  kernel_size: int = 3,
+  strides: int = 1,
+  padding: int | tuple[tuple[int, int], tuple[int, int]] = 1,
+  *,
+  use_bias: bool = True,
+  dtype: Dtype = jnp.float32,
+  param_dtype: Dtype = jnp.float32,
+  kernel_init: Callable | None = None,
+  bias_init: Callable | None = None,
+  name: str | None = None,
 ) -> nn.Conv:
   """2-D convolution, NHWC; params ``kernel`` (kh, kw, in, out) with logical axes
   CONV_AXES and ``bias`` ('conv_out',).
@@ -80,96 +80,96 @@ def Conv(
   if isinstance(padding, int):
     padding = ((padding, padding), (padding, padding))
   return nn.Conv(
-      features,
-      (kernel_size, kernel_size),
-      strides=(strides, strides),
-      padding=padding,
-      use_bias=use_bias,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_init=_init(kernel_init or torch_default_kernel_init(), CONV_AXES),
-      bias_init=_init(bias_init or nn.initializers.zeros_init(), ("conv_out",)),
-      name=name,
+    features,
+    (kernel_size, kernel_size),
+    strides=(strides, strides),
+    padding=padding,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    kernel_init=_init(kernel_init or torch_default_kernel_init(), CONV_AXES),
+    bias_init=_init(bias_init or nn.initializers.zeros_init(), ("conv_out",)),
+    name=name,
   )
 
 
 def Dense(
-    features: int,
-    axes: tuple[str | None, str | None] = ("embed", "mlp"),
-    *,
-    use_bias: bool = True,
-    dtype: Dtype = jnp.float32,
-    param_dtype: Dtype = jnp.float32,
-    kernel_init: Callable | None = None,
-    bias_init: Callable | None = None,
-    name: str | None = None,
+  features: int,
+  axes: tuple[str | None, str | None] = ("embed", "mlp"),
+  *,
+  use_bias: bool = True,
+  dtype: Dtype = jnp.float32,
+  param_dtype: Dtype = jnp.float32,
+  kernel_init: Callable | None = None,
+  bias_init: Callable | None = None,
+  name: str | None = None,
 ) -> nn.Dense:
   """Linear layer; ``kernel`` (in, out) carries logical ``axes`` = (in_axis, out_axis),
   ``bias`` carries (out_axis,)."""
   return nn.Dense(
-      features,
-      use_bias=use_bias,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      kernel_init=_init(kernel_init or torch_default_kernel_init(), axes),
-      bias_init=_init(bias_init or nn.initializers.zeros_init(), (axes[1],)),
-      name=name,
+    features,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    kernel_init=_init(kernel_init or torch_default_kernel_init(), axes),
+    bias_init=_init(bias_init or nn.initializers.zeros_init(), (axes[1],)),
+    name=name,
   )
 
 
 def GroupNorm(
-    num_groups: int = 32,
-    epsilon: float = 1e-5,
-    *,
-    dtype: Dtype = jnp.float32,
-    param_dtype: Dtype = jnp.float32,
-    name: str | None = None,
+  num_groups: int = 32,
+  epsilon: float = 1e-5,
+  *,
+  dtype: Dtype = jnp.float32,
+  param_dtype: Dtype = jnp.float32,
+  name: str | None = None,
 ) -> nn.GroupNorm:
   """GroupNorm over the last (channel) axis, statistics in float32, two-pass variance
   (torch.nn.GroupNorm). Params ``scale``/``bias`` with logical axis ('norm',)."""
   return nn.GroupNorm(
-      num_groups=num_groups,
-      epsilon=epsilon,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      use_fast_variance=False,
-      scale_init=_init(nn.initializers.ones_init(), ("norm",)),
-      bias_init=_init(nn.initializers.zeros_init(), ("norm",)),
-      name=name,
+    num_groups=num_groups,
+    epsilon=epsilon,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    use_fast_variance=False,
+    scale_init=_init(nn.initializers.ones_init(), ("norm",)),
+    bias_init=_init(nn.initializers.zeros_init(), ("norm",)),
+    name=name,
   )
 
 
 def LayerNorm(
-    epsilon: float = 1e-5,
-    *,
-    use_bias: bool = True,
-    use_scale: bool = True,
-    dtype: Dtype = jnp.float32,
-    param_dtype: Dtype = jnp.float32,
-    name: str | None = None,
+  epsilon: float = 1e-5,
+  *,
+  use_bias: bool = True,
+  use_scale: bool = True,
+  dtype: Dtype = jnp.float32,
+  param_dtype: Dtype = jnp.float32,
+  name: str | None = None,
 ) -> nn.LayerNorm:
   """LayerNorm over the last axis, statistics in float32, two-pass variance
   (torch.nn.LayerNorm). Params ``scale``/``bias`` with logical axis ('norm',)."""
   return nn.LayerNorm(
-      epsilon=epsilon,
-      use_bias=use_bias,
-      use_scale=use_scale,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      use_fast_variance=False,
-      scale_init=_init(nn.initializers.ones_init(), ("norm",)),
-      bias_init=_init(nn.initializers.zeros_init(), ("norm",)),
-      name=name,
+    epsilon=epsilon,
+    use_bias=use_bias,
+    use_scale=use_scale,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    use_fast_variance=False,
+    scale_init=_init(nn.initializers.ones_init(), ("norm",)),
+    bias_init=_init(nn.initializers.zeros_init(), ("norm",)),
+    name=name,
   )
 
 
 def timestep_embedding(
-    timesteps: jax.Array,
-    dim: int,
-    flip_sin_to_cos: bool = False,
-    downscale_freq_shift: float = 1.0,
-    scale: float = 1.0,
-    max_period: float = 10000.0,
+  timesteps: jax.Array,
+  dim: int,
+  flip_sin_to_cos: bool = False,
+  downscale_freq_shift: float = 1.0,
+  scale: float = 1.0,
+  max_period: float = 10000.0,
 ) -> jax.Array:
   """Sinusoidal timestep embedding (DDPM / diffusers ``get_timestep_embedding``).
 
@@ -229,7 +229,7 @@ class ResnetBlock2D(nn.Module):
 
   @nn.compact
   def __call__(
-      self, x: jax.Array, temb: jax.Array | None = None, deterministic: bool = True
+    self, x: jax.Array, temb: jax.Array | None = None, deterministic: bool = True
   ) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     in_channels = x.shape[-1]
@@ -239,9 +239,7 @@ class ResnetBlock2D(nn.Module):
     if self.use_time_emb:
       if temb is None:
         raise ValueError("ResnetBlock2D(use_time_emb=True) needs a time embedding")
-      t = Dense(self.out_channels, ("mlp", "embed"), name="time_emb_proj", **kw)(
-          nn.silu(temb)
-      )
+      t = Dense(self.out_channels, ("mlp", "embed"), name="time_emb_proj", **kw)(nn.silu(temb))
       h = h + t[:, None, None, :]
     h = GroupNorm(self.groups_out or self.groups, self.eps, name="norm2", **kw)(h)
     h = nn.silu(h)
@@ -275,8 +273,13 @@ class Downsample2D(nn.Module):
       raise ValueError(f"Downsample2D padding must be 0 or 1, got {self.padding}")
     pad = ((1, 1), (1, 1)) if self.padding == 1 else ((0, 1), (0, 1))
     return Conv(
-        self.out_channels, 3, strides=2, padding=pad, name="conv",
-        dtype=self.dtype, param_dtype=self.param_dtype,
+      self.out_channels,
+      3,
+      strides=2,
+      padding=pad,
+      name="conv",
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
     )(x)
 
 
@@ -305,8 +308,12 @@ class Upsample2D(nn.Module):
   def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
     x = upsample_nearest(x, size)
     return Conv(
-        self.out_channels, 3, padding=1, name="conv",
-        dtype=self.dtype, param_dtype=self.param_dtype,
+      self.out_channels,
+      3,
+      padding=1,
+      name="conv",
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
     )(x)
 
 
@@ -356,14 +363,14 @@ def _blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -
 
 
 def multi_head_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    heads: int,
-    *,
-    mask: jax.Array | None = None,
-    causal: bool = False,
-    implementation: str | None = None,
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  heads: int,
+  *,
+  mask: jax.Array | None = None,
+  causal: bool = False,
+  implementation: str | None = None,
 ) -> jax.Array:
   """softmax(Q K^T / sqrt(d)) V per head, on fused (B, L, heads*d) projections.
 
@@ -385,15 +392,19 @@ def multi_head_attention(
   v4 = v.reshape(b, lk, heads, d)
   if implementation is None:
     big = b * heads * lq * lk > _BLOCK_ELEMS
-    implementation = "blocked" if (
-        big and mask is None and not causal and jax.default_backend() == "cpu") else "xla"
+    implementation = (
+      "blocked"
+      if (big and mask is None and not causal and jax.default_backend() == "cpu")
+      else "xla"
+    )
   if implementation == "blocked":
     if mask is not None or causal:
       raise ValueError("blocked attention supports neither mask nor causal")
     out = _blocked_attention(q4, k4, v4, 1.0 / math.sqrt(d))
   elif implementation == "xla":
     out = jax.nn.dot_product_attention(
-        q4, k4, v4, mask=mask, is_causal=causal, scale=1.0 / math.sqrt(d))
+      q4, k4, v4, mask=mask, is_causal=causal, scale=1.0 / math.sqrt(d)
+    )
   else:
     raise ValueError(f"unknown attention implementation {implementation!r}")
   return out.reshape(b, lq, inner)
@@ -423,12 +434,12 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(
-      self,
-      x: jax.Array,
-      context: jax.Array | None = None,
-      *,
-      mask: jax.Array | None = None,
-      causal: bool = False,
+    self,
+    x: jax.Array,
+    context: jax.Array | None = None,
+    *,
+    mask: jax.Array | None = None,
+    causal: bool = False,
   ) -> jax.Array:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     inner = self.heads * self.head_dim
@@ -437,11 +448,15 @@ class Attention(nn.Module):
     q = Dense(inner, ("embed", "heads"), use_bias=self.qkv_bias, name="to_q", **kw)(x)
     k = Dense(inner, (ctx_axis, "heads"), use_bias=self.qkv_bias, name="to_k", **kw)(ctx)
     v = Dense(inner, (ctx_axis, "heads"), use_bias=self.qkv_bias, name="to_v", **kw)(ctx)
-    out = multi_head_attention(q, k, v, self.heads, mask=mask, causal=causal,
-                               implementation=self.implementation)
+    out = multi_head_attention(
+      q, k, v, self.heads, mask=mask, causal=causal, implementation=self.implementation
+    )
     return Dense(
-        self.out_features or x.shape[-1], ("heads", "embed"), use_bias=self.out_bias,
-        name="to_out_0", **kw,
+      self.out_features or x.shape[-1],
+      ("heads", "embed"),
+      use_bias=self.out_bias,
+      name="to_out_0",
+      **kw,
     )(out)
 
 
@@ -487,8 +502,9 @@ class GEGLU(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = Dense(2 * self.hidden, ("embed", "mlp"), name="proj",
-              dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    h = Dense(
+      2 * self.hidden, ("embed", "mlp"), name="proj", dtype=self.dtype, param_dtype=self.param_dtype
+    )(x)
     value, gate = jnp.split(h, 2, axis=-1)
     return value * jax.nn.gelu(gate, approximate=False)
 

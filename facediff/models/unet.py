@@ -62,9 +62,17 @@ class UNetConfig:
   num_attention_heads: int | tuple[int, ...] | None = None
   cross_attention_dim: int = 768
   down_block_types: tuple[str, ...] = (
-      "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    "CrossAttnDownBlock2D",
+    "CrossAttnDownBlock2D",
+    "CrossAttnDownBlock2D",
+    "DownBlock2D",
+  )
   up_block_types: tuple[str, ...] = (
-      "UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    "UpBlock2D",
+    "CrossAttnUpBlock2D",
+    "CrossAttnUpBlock2D",
+    "CrossAttnUpBlock2D",
+  )
   norm_num_groups: int = 32
   norm_eps: float = 1e-5
   transformer_layers_per_block: int | tuple[int, ...] = 1
@@ -83,15 +91,20 @@ class UNetConfig:
       v = getattr(self, f)
       if isinstance(v, list):
         object.__setattr__(self, f, tuple(v))
-    for f in ("layers_per_block", "attention_head_dim", "num_attention_heads",
-              "transformer_layers_per_block"):
+    for f in (
+      "layers_per_block",
+      "attention_head_dim",
+      "num_attention_heads",
+      "transformer_layers_per_block",
+    ):
       v = getattr(self, f)
       if isinstance(v, list):
         object.__setattr__(self, f, tuple(v))
     if len(self.down_block_types) != n or len(self.up_block_types) != n:
       raise ValueError(
-          f"UNetConfig: down_block_types ({len(self.down_block_types)}) and up_block_types "
-          f"({len(self.up_block_types)}) must both have one entry per block_out_channels ({n})")
+        f"UNetConfig: down_block_types ({len(self.down_block_types)}) and up_block_types "
+        f"({len(self.up_block_types)}) must both have one entry per block_out_channels ({n})"
+      )
     for t in self.down_block_types:
       if t not in DOWN_BLOCK_TYPES:
         raise ValueError(f"UNetConfig.down_block_types: unsupported {t!r} (use {DOWN_BLOCK_TYPES})")
@@ -101,15 +114,18 @@ class UNetConfig:
     for c in self.block_out_channels:
       if c % self.norm_num_groups:
         raise ValueError(
-            f"UNetConfig: block_out_channels {c} not divisible by norm_num_groups "
-            f"{self.norm_num_groups}")
+          f"UNetConfig: block_out_channels {c} not divisible by norm_num_groups "
+          f"{self.norm_num_groups}"
+        )
     if self.attention_impl not in (None, "xla", "blocked"):
-      raise ValueError(f"UNetConfig.attention_impl must be None, 'xla' or 'blocked', "
-                       f"got {self.attention_impl!r}")
+      raise ValueError(
+        f"UNetConfig.attention_impl must be None, 'xla' or 'blocked', got {self.attention_impl!r}"
+      )
     for f in ("dtype", "param_dtype"):
       if getattr(self, f) not in _DTYPES:
         raise ValueError(
-            f"UNetConfig.{f} must be one of {sorted(_DTYPES)}, got {getattr(self, f)!r}")
+          f"UNetConfig.{f} must be one of {sorted(_DTYPES)}, got {getattr(self, f)!r}"
+        )
     heads = self.heads_per_block()
     for c, h in zip(self.block_out_channels, heads):
       if c % h:
@@ -120,8 +136,9 @@ class UNetConfig:
   # Per-block views (diffusers accepts an int or one value per block).
   def heads_per_block(self) -> tuple[int, ...]:
     n = len(self.block_out_channels)
-    heads = self.num_attention_heads if self.num_attention_heads is not None \
-        else self.attention_head_dim
+    heads = (
+      self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
+    )
     field = "num_attention_heads" if self.num_attention_heads is not None else "attention_head_dim"
     return _per_block(heads, n, field)
 
@@ -129,8 +146,11 @@ class UNetConfig:
     return _per_block(self.layers_per_block, len(self.block_out_channels), "layers_per_block")
 
   def transformer_layers_list(self) -> tuple[int, ...]:
-    return _per_block(self.transformer_layers_per_block, len(self.block_out_channels),
-                      "transformer_layers_per_block")
+    return _per_block(
+      self.transformer_layers_per_block,
+      len(self.block_out_channels),
+      "transformer_layers_per_block",
+    )
 
   @property
   def compute_dtype(self):
@@ -152,14 +172,14 @@ class UNetConfig:
   def tiny(cls, **overrides) -> "UNetConfig":
     """A small UNet of the same topology for tests (2 blocks, 32/64 channels)."""
     base = dict(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        attention_head_dim=2,
-        cross_attention_dim=32,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=8,
-        sample_size=16,
+      block_out_channels=(32, 64),
+      layers_per_block=1,
+      attention_head_dim=2,
+      cross_attention_dim=32,
+      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+      norm_num_groups=8,
+      sample_size=16,
     )
     base.update(overrides)
     return cls(**base)
@@ -185,11 +205,14 @@ class BasicTransformerBlock(nn.Module):
     hd = self.dim // self.heads
     impl = self.attention_impl
     x = x + L.Attention(self.heads, hd, implementation=impl, name="attn1", **kw)(
-        L.LayerNorm(1e-5, name="norm1", **kw)(x))
+      L.LayerNorm(1e-5, name="norm1", **kw)(x)
+    )
     x = x + L.Attention(self.heads, hd, implementation=impl, name="attn2", **kw)(
-        L.LayerNorm(1e-5, name="norm2", **kw)(x), context)
+      L.LayerNorm(1e-5, name="norm2", **kw)(x), context
+    )
     x = x + L.FeedForward(self.dim, dropout=self.dropout, name="ff", **kw)(
-        L.LayerNorm(1e-5, name="norm3", **kw)(x), deterministic=deterministic)
+      L.LayerNorm(1e-5, name="norm3", **kw)(x), deterministic=deterministic
+    )
     return x
 
 
@@ -222,14 +245,22 @@ class Transformer2D(nn.Module):
     if self.remat:
       block_cls = nn.remat(block_cls, static_argnums=(3,))
     for i in range(self.num_layers):
-      y = block_cls(self.channels, self.heads, self.dropout, self.attention_impl,
-                    name=f"transformer_blocks_{i}", **kw)(y, context, deterministic)
+      y = block_cls(
+        self.channels,
+        self.heads,
+        self.dropout,
+        self.attention_impl,
+        name=f"transformer_blocks_{i}",
+        **kw,
+      )(y, context, deterministic)
     if self.use_linear_projection:
       y = L.Dense(self.channels, ("heads", "embed"), name="proj_out", **kw)(y).reshape(
-          b, h, w, self.channels)
+        b, h, w, self.channels
+      )
     else:
       y = L.Conv(self.channels, 1, padding=0, name="proj_out", **kw)(
-          y.reshape(b, h, w, self.channels))
+        y.reshape(b, h, w, self.channels)
+      )
     return y + x.astype(y.dtype)
 
 
@@ -238,21 +269,38 @@ def _resnet(cfg: UNetConfig, out_channels: int, name: str):
   if cfg.remat:
     cls = nn.remat(cls, static_argnums=(3,))
   return cls(
-      out_channels, use_time_emb=True, groups=cfg.norm_num_groups, eps=cfg.norm_eps,
-      dropout=cfg.dropout, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, name=name)
+    out_channels,
+    use_time_emb=True,
+    groups=cfg.norm_num_groups,
+    eps=cfg.norm_eps,
+    dropout=cfg.dropout,
+    dtype=cfg.compute_dtype,
+    param_dtype=cfg.params_dtype,
+    name=name,
+  )
 
 
 def _transformer(cfg: UNetConfig, channels: int, heads: int, layers: int, name: str):
   return Transformer2D(
-      channels, heads, layers, cfg.norm_num_groups, cfg.use_linear_projection, cfg.dropout,
-      cfg.remat, cfg.attention_impl, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-      name=name)
+    channels,
+    heads,
+    layers,
+    cfg.norm_num_groups,
+    cfg.use_linear_projection,
+    cfg.dropout,
+    cfg.remat,
+    cfg.attention_impl,
+    dtype=cfg.compute_dtype,
+    param_dtype=cfg.params_dtype,
+    name=name,
+  )
 
 
 def _constrain(x):
   """Logical sharding hint for NHWC activations (a no-op outside a mesh with rules)."""
   return nn.with_logical_constraint(
-      x, ("activation_batch", "activation_height", "activation_width", "activation_embed"))
+    x, ("activation_batch", "activation_height", "activation_width", "activation_embed")
+  )
 
 
 class DownBlock(nn.Module):
@@ -271,13 +319,15 @@ class DownBlock(nn.Module):
     for j in range(cfg.layers_per_block_list()[i]):
       h = _resnet(cfg, ch, f"resnets_{j}")(h, temb, deterministic)
       if cross:
-        h = _transformer(cfg, ch, cfg.heads_per_block()[i], cfg.transformer_layers_list()[i],
-                         f"attentions_{j}")(h, context, deterministic)
+        h = _transformer(
+          cfg, ch, cfg.heads_per_block()[i], cfg.transformer_layers_list()[i], f"attentions_{j}"
+        )(h, context, deterministic)
       h = _constrain(h)
       skips.append(h)
     if i < len(cfg.block_out_channels) - 1:
-      h = L.Downsample2D(ch, padding=1, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                         name="downsamplers_0")(h)
+      h = L.Downsample2D(
+        ch, padding=1, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, name="downsamplers_0"
+      )(h)
       h = _constrain(h)
       skips.append(h)
     return h, skips
@@ -293,8 +343,9 @@ class MidBlock(nn.Module):
     cfg = self.config
     ch = cfg.block_out_channels[-1]
     h = _resnet(cfg, ch, "resnets_0")(h, temb, deterministic)
-    h = _transformer(cfg, ch, cfg.heads_per_block()[-1], cfg.transformer_layers_list()[-1],
-                     "attentions_0")(h, context, deterministic)
+    h = _transformer(
+      cfg, ch, cfg.heads_per_block()[-1], cfg.transformer_layers_list()[-1], "attentions_0"
+    )(h, context, deterministic)
     h = _resnet(cfg, ch, "resnets_1")(h, temb, deterministic)
     return _constrain(h)
 
@@ -317,13 +368,18 @@ class UpBlock(nn.Module):
       h = jnp.concatenate([h, skips.pop().astype(h.dtype)], axis=-1)
       h = _resnet(cfg, ch, f"resnets_{j}")(h, temb, deterministic)
       if cross:
-        h = _transformer(cfg, ch, cfg.heads_per_block()[n - 1 - i],
-                         cfg.transformer_layers_list()[n - 1 - i],
-                         f"attentions_{j}")(h, context, deterministic)
+        h = _transformer(
+          cfg,
+          ch,
+          cfg.heads_per_block()[n - 1 - i],
+          cfg.transformer_layers_list()[n - 1 - i],
+          f"attentions_{j}",
+        )(h, context, deterministic)
       h = _constrain(h)
     if i < n - 1:
-      h = L.Upsample2D(ch, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype,
-                       name="upsamplers_0")(h, upsample_size)
+      h = L.Upsample2D(
+        ch, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, name="upsamplers_0"
+      )(h, upsample_size)
       h = _constrain(h)
     return h
 
@@ -344,12 +400,14 @@ class UNet2DConditionModel(nn.Module):
     kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype)
     if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
       raise ValueError(
-          f"UNet sample must be NHWC (B, H, W, {cfg.in_channels}), got shape {sample.shape}")
+        f"UNet sample must be NHWC (B, H, W, {cfg.in_channels}), got shape {sample.shape}"
+      )
     ctx_shape = encoder_hidden_states.shape
     if len(ctx_shape) != 3 or ctx_shape[-1] != cfg.cross_attention_dim:
       raise ValueError(
-          f"encoder_hidden_states must be (B, L, {cfg.cross_attention_dim}), "
-          f"got shape {encoder_hidden_states.shape}")
+        f"encoder_hidden_states must be (B, L, {cfg.cross_attention_dim}), "
+        f"got shape {encoder_hidden_states.shape}"
+      )
     batch = sample.shape[0]
     timesteps = jnp.asarray(timesteps)
     if timesteps.ndim == 0 or timesteps.shape[0] == 1:
@@ -363,11 +421,13 @@ class UNet2DConditionModel(nn.Module):
     # 1. time: sinusoidal embedding (float32) -> MLP
     t_emb = L.timestep_embedding(timesteps, channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
     temb = L.TimestepEmbedding(channels[0] * 4, name="time_embedding", **kw)(
-        t_emb.astype(cfg.compute_dtype))
+      t_emb.astype(cfg.compute_dtype)
+    )
 
     # 2. conv_in
     h = L.Conv(channels[0], 3, padding=1, name="conv_in", **kw)(
-        _constrain(sample.astype(cfg.compute_dtype)))
+      _constrain(sample.astype(cfg.compute_dtype))
+    )
     skips = [h]
 
     # 3. down
@@ -404,8 +464,13 @@ def nhwc_to_nchw(x: jax.Array) -> jax.Array:
   return jnp.transpose(x, (0, 3, 1, 2))
 
 
-def init_params(config: UNetConfig, key: jax.Array, sample_hw: tuple[int, int] | None = None,
-                context_len: int = 77, batch: int = 1):
+def init_params(
+  config: UNetConfig,
+  key: jax.Array,
+  sample_hw: tuple[int, int] | None = None,
+  context_len: int = 77,
+  batch: int = 1,
+):
   """Random params (boxed with logical axes, as module.init returns them). Traceable:
   use under jax.jit / jax.eval_shape (see facediff.partitioning.init_sharded)."""
   hw = sample_hw or (config.sample_size, config.sample_size)
@@ -415,23 +480,23 @@ def init_params(config: UNetConfig, key: jax.Array, sample_hw: tuple[int, int] |
   return model.init(key, sample, jnp.zeros((batch,), jnp.int32), ctx)["params"]
 
 
-def abstract_params(config: UNetConfig, sample_hw: tuple[int, int] | None = None,
-                    context_len: int = 77):
+def abstract_params(
+  config: UNetConfig, sample_hw: tuple[int, int] | None = None, context_len: int = 77
+):
   """Shapes/dtypes (and logical axes) of the params without allocating them."""
-  return jax.eval_shape(
-      lambda k: init_params(config, k, sample_hw, context_len), jax.random.key(0))
+  return jax.eval_shape(lambda k: init_params(config, k, sample_hw, context_len), jax.random.key(0))
 
 
 def apply_unet(
-    config: UNetConfig,
-    params,
-    sample: jax.Array,
-    timesteps: jax.Array,
-    encoder_hidden_states: jax.Array,
-    *,
-    layout: str = "NHWC",
-    deterministic: bool = True,
-    rngs=None,
+  config: UNetConfig,
+  params,
+  sample: jax.Array,
+  timesteps: jax.Array,
+  encoder_hidden_states: jax.Array,
+  *,
+  layout: str = "NHWC",
+  deterministic: bool = True,
+  rngs=None,
 ) -> jax.Array:
   """eps = UNet(sample, t, context). ``layout`` is the layout of ``sample`` and of the
   result: "NHWC" (facediff's) or "NCHW" (PyTorch / diffusers)."""
@@ -440,7 +505,8 @@ def apply_unet(
   if layout == "NCHW":
     sample = nchw_to_nhwc(sample)
   out = UNet2DConditionModel(config).apply(
-      {"params": params}, sample, timesteps, encoder_hidden_states, deterministic, rngs=rngs)
+    {"params": params}, sample, timesteps, encoder_hidden_states, deterministic, rngs=rngs
+  )
   return nhwc_to_nchw(out) if layout == "NCHW" else out
 
 
