@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
 
 from data_pipelines import fake_shards, loaders  # noqa: E402
 
@@ -113,6 +114,8 @@ def main():
   p.add_argument("--records", type=int, default=128)
   p.add_argument("--batches", type=int, default=4)
   args = p.parse_args()
+  # grain's worker processes read absl flags; this script parses its own with argparse.
+  flags.FLAGS([sys.argv[0]])
   batch = 16 if args.quick else GLOBAL_BATCH
   batches = 2 if args.quick else args.batches
   print(

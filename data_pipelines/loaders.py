@@ -54,20 +54,19 @@ masks uint8; ``to_model_inputs`` converts (on the devices when a mesh is given).
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import cv2
 import grain
-from absl import flags
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from data_pipelines import records
 from data_pipelines.records import RecordError
+from facediff import partitioning
 
 TASKS = ("reconstruct", "swap", "reenact", "sfsr")
-BATCH_AXES = ("data", "fsdp")
 
 
 # ----------------------------------------------------------------------------- config
@@ -289,7 +288,7 @@ class _Reader:
 
   def identity(self, rec, index) -> dict[str, np.ndarray]:
     w = self.where(index)
-    return {f: _embedding(rec, f, d, w) for f, d in zip(self.id_fields, self.id_dims)}
+    return {f: _embedding(rec, f, d, w) for f, d in zip(self.id_fields, self.id_dims, strict=True)}
 
   def expression(self, rec, index) -> np.ndarray:
     return _embedding(rec, self.exp_field, self.exp_dim, self.where(index))
@@ -405,19 +404,11 @@ def triplet_table(num_records: int, task: str, seed: int, num: int | None = None
 # ----------------------------------------------------------------------------- placement
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batch axis over the mesh's ('data', 'fsdp') axes (those that exist)."""
-  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-  if not axes:
-    raise ValueError(f"mesh axes {mesh.axis_names} contain none of {BATCH_AXES}")
-  return NamedSharding(mesh, P(axes))
-
-
 class PlaceOnMesh(grain.transforms.Map):
   """Host batch (numpy tree) -> global jax.Arrays with the global batch on axis 0."""
 
   def __init__(self, mesh: Mesh, global_batch_size: int):
-    self.sharding = batch_sharding(mesh)
+    self.sharding = partitioning.batch_sharding(mesh)
     self.global_batch_size = int(global_batch_size)
     self.convert = jax.jit(to_model_inputs, out_shardings=self.sharding)
 
@@ -454,9 +445,8 @@ def _finish(ds: grain.MapDataset, data_cfg, per_host: int) -> grain.IterDataset:
   )
   workers = int(_get(data_cfg, "num_workers", 0))
   if workers > 0:
-    # grain's workers read absl flags; outside an absl app nobody parsed them.
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
+    # grain's worker processes read absl flags: run under absl.app (launch/) or parse
+    # the flags first (tests/conftest.py does).
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return it
 

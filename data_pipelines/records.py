@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 from flax import serialization
@@ -140,3 +140,18 @@ class Manifest:
           f"{where}: field {k!r} has dimension {self.fields[k].dim} "
           f"(shape {self.fields[k].shape}), the config expects {dim}"
         )
+
+
+def iter_records(folder: str) -> Iterator[dict[str, Any]]:
+  """Every record of an exported dataset, shard by shard, decoded."""
+  from array_record.python.array_record_module import ArrayRecordReader
+
+  manifest = Manifest.load(folder)
+  for shard in manifest.shards:
+    path = os.path.join(folder, shard.path)
+    reader = ArrayRecordReader(path)
+    try:
+      for i, data in enumerate(reader.read_all()):
+        yield decode_record(data, source=f"{path}[{i}]")
+    finally:
+      reader.close()

@@ -166,40 +166,6 @@ class ExpressionIndex:
       pairs.append((img_id.decode() if isinstance(img_id, bytes) else img_id, rec[field]))
     return cls.from_labels(pairs, vocab)
 
-  @classmethod
-  def from_dataset(
-    cls,
-    folder: str,
-    *,
-    field: str = "expression",
-    id_field: str = "key",
-    vocab: Vocabulary | None = None,
-  ) -> "ExpressionIndex":
-    """Builds from an exported dataset folder (``data_pipelines.records`` format)
-    whose records carry an expression label ``field`` (int label or word)."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    from data_pipelines import records
-
-    manifest = records.Manifest.load(folder)
-    for k in (field, id_field):
-      if k not in manifest.fields:
-        raise KeyError(
-          f"{folder}/{records.MANIFEST}: no field {k!r} (has {sorted(manifest.fields)})"
-        )
-
-    def recs():
-      for shard in manifest.shards:
-        path = os.path.join(folder, shard.path)
-        reader = ArrayRecordReader(path)
-        try:
-          for i, data in enumerate(reader.read_all()):
-            yield records.decode_record(data, source=f"{path}[{i}]")
-        finally:
-          reader.close()
-
-    return cls.from_records(recs(), field=field, id_field=id_field, vocab=vocab)
-
   def labels(self) -> list[int]:
     return sorted(self.by_label)
 

@@ -77,7 +77,8 @@ def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
     raise ValueError(
-      f"mesh shape {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}"
+      f"mesh shape {dict(zip(names, sizes, strict=True))} needs {math.prod(sizes)} devices, "
+      f"have {len(devices)}"
     )
   arr = np.array(devices, dtype=object).reshape(sizes)
   return Mesh(arr, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names))
@@ -165,12 +166,27 @@ def shard_params(params, abstract_params, mesh: Mesh, rules=LOGICAL_RULES):
   return jax.tree.map(jax.device_put, nn.unbox(params), shardings)
 
 
-def batch_sharding(mesh: Mesh, ndim: int, rules=LOGICAL_RULES) -> NamedSharding:
-  """Sharding of an activation / data array: axis 0 over the batch mesh axes."""
+def batch_axes(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES) -> tuple[str, ...]:
+  """The mesh axes the batch dimension is split over (``activation_batch``'s rule,
+  restricted to the axes ``mesh`` has)."""
   axes = dict(rules).get("activation_batch")
-  axes = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a in mesh.shape)
-  first = None if not axes else (axes[0] if len(axes) == 1 else axes)
-  return NamedSharding(mesh, PartitionSpec(first, *([None] * (ndim - 1))))
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  present = tuple(a for a in axes if a in mesh.shape)
+  if not present:
+    raise ValueError(f"mesh axes {mesh.axis_names} contain none of the batch axes {axes}")
+  return present
+
+
+def batch_sharding(
+  mesh: Mesh, ndim: int | None = None, rules: Sequence[tuple[str, Any]] = LOGICAL_RULES
+) -> NamedSharding:
+  """Sharding of an activation / data array: axis 0 over the batch mesh axes, the
+  rest replicated. ``ndim`` spells the trailing dimensions out; None leaves them
+  implicit (the same sharding for arrays of any rank)."""
+  axes = batch_axes(mesh, rules)
+  first = axes[0] if len(axes) == 1 else axes
+  rest = () if ndim is None else (None,) * (ndim - 1)
+  return NamedSharding(mesh, PartitionSpec(first, *rest))
 
 
 @contextlib.contextmanager

@@ -8,5 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax  # noqa: E402
+from absl import flags  # noqa: E402
+
+# pytest is not an absl app: parse (no) flags so that grain's worker processes,
+# which read absl flags, start as they do under launch/'s absl entry points.
+flags.FLAGS(["pytest"])
 
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -117,6 +117,7 @@ def test_index_from_exported_dataset(tmp_path):
   from array_record.python.array_record_module import ArrayRecordWriter
 
   from data_pipelines import records
+  from data_pipelines.expression_index import index_from_dataset
 
   shards = []
   for k in range(2):
@@ -130,7 +131,7 @@ def test_index_from_exported_dataset(tmp_path):
     fields={"key": records.FieldSpec("str", []), "expression": records.FieldSpec("int32", [])},
     shards=shards,
   ).save(str(tmp_path))
-  idx = expressions.ExpressionIndex.from_dataset(str(tmp_path))
+  idx = index_from_dataset(str(tmp_path))
   assert idx.ids("amusement") == ("s0i0", "s1i0") and idx.ids(11) == ("s0i2", "s1i2")
   with pytest.raises(KeyError, match="no field 'emotion'"):
-    expressions.ExpressionIndex.from_dataset(str(tmp_path), field="emotion")
+    index_from_dataset(str(tmp_path), field="emotion")

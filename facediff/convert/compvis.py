@@ -34,8 +34,8 @@ from facediff.convert import clip as clip_convert
 from facediff.convert import common
 from facediff.convert import unet as unet_convert
 from facediff.convert import vae as vae_convert
-from facediff.convert.pipeline import SD_SCHEDULER_CONFIG, SDModels
 from facediff.models.clip import CLIPTextConfig
+from facediff.models.stable_diffusion import SD_SCHEDULER_CONFIG, SDModels
 from facediff.models.unet import UNetConfig
 from facediff.models.vae import VAEConfig
 
