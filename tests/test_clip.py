@@ -10,11 +10,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from _tiny_sd import write_tiny_tokenizer  # noqa: E402
+
 from facediff.convert import clip as clip_convert  # noqa: E402
 from facediff.convert import common  # noqa: E402
 from facediff.models import clip as clip_lib  # noqa: E402
-
-from _tiny_sd import write_tiny_tokenizer  # noqa: E402
 
 # Two configurations: SD-1.x-like legacy pooling (eos_token_id=2, argmax of the ids)
 # with quick_gelu, and the newer eos-id pooling with exact gelu and odd widths.
@@ -78,7 +78,7 @@ def test_clip_matches_transformers(kw):
   ids = _ids(kw)
   with torch.no_grad():
     out = tmodel(input_ids=torch.from_numpy(ids))
-  cfg = clip_lib.CLIPTextConfig.from_hf_dict(tmodel.config.to_dict())
+  cfg = clip_convert.config_from_transformers(tmodel.config.to_dict())
   sd = {k: v.numpy() for k, v in tmodel.state_dict().items()}
   params = clip_convert.torch_to_flax(sd, cfg, source="tiny")
   hidden, pooled = jax.jit(clip_lib.CLIPTextModel(cfg).apply)({"params": params}, jnp.asarray(ids))
@@ -95,7 +95,7 @@ def test_clip_attention_mask_matches_transformers():
   mask = (np.arange(ids.shape[1])[None] < np.array([[9], [12]])).astype(np.int64)
   with torch.no_grad():
     out = tmodel(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
-  cfg = clip_lib.CLIPTextConfig.from_hf_dict(tmodel.config.to_dict())
+  cfg = clip_convert.config_from_transformers(tmodel.config.to_dict())
   params = clip_convert.torch_to_flax({k: v.numpy() for k, v in tmodel.state_dict().items()}, cfg)
   hidden, _ = clip_lib.CLIPTextModel(cfg).apply(
     {"params": params}, jnp.asarray(ids), jnp.asarray(mask)
@@ -109,7 +109,7 @@ def test_clip_attention_mask_matches_transformers():
 
 def test_clip_export_roundtrip_from_pretrained(tmp_path):
   kw = CONFIGS[0]
-  cfg = clip_lib.CLIPTextConfig.from_hf_dict(kw)
+  cfg = clip_convert.config_from_transformers(kw)
   params = clip_lib.CLIPTextModel(cfg).init(jax.random.key(5), jnp.zeros((1, 77), jnp.int32))[
     "params"
   ]
@@ -117,7 +117,7 @@ def test_clip_export_roundtrip_from_pretrained(tmp_path):
   assert all(k.startswith("text_model.") for k in sd)
   common.write_safetensors(sd, tmp_path / "model.safetensors")
   with open(tmp_path / "config.json", "w") as f:
-    json.dump(cfg.to_hf_dict(), f)
+    json.dump(clip_convert.config_to_transformers(cfg), f)
   tmodel = transformers.CLIPTextModel.from_pretrained(tmp_path, local_files_only=True).eval()
   ids = _ids(kw, batch=2, seed=7)
   with torch.no_grad():
@@ -137,7 +137,7 @@ def test_clip_bad_state_dict_lists_keys():
   kw = CONFIGS[0]
   tmodel = _torch_model(kw)
   sd = {k: v.numpy() for k, v in tmodel.state_dict().items()}
-  cfg = clip_lib.CLIPTextConfig.from_hf_dict(kw)
+  cfg = clip_convert.config_from_transformers(kw)
   del sd["encoder.layers.1.mlp.fc2.bias"]
   sd["encoder.layers.0.self_attn.q_proj.weight"] = np.zeros((32, 31), np.float32)
   sd["encoder.layers.0.extra.weight"] = np.zeros((3,), np.float32)
@@ -190,7 +190,7 @@ def test_sd14_clip_shapes_match_transformers():
     max_position_embeddings=77,
   )
   tmodel = transformers.CLIPTextModel(tcfg)
-  shapes = clip_convert.param_shapes(clip_lib.CLIPTextConfig.sd14())
+  shapes = clip_lib.abstract_params(clip_lib.CLIPTextConfig.sd14())
   want = {
     k: tuple(v.shape)
     for k, v in clip_convert.flax_to_torch(

@@ -9,10 +9,11 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 PIL = pytest.importorskip("PIL.Image")
 
-from facediff.convert import pipeline as sdio  # noqa: E402
-from facediff.pipelines import text_to_image as t2i_lib  # noqa: E402
+import _tiny_sd as tiny_sd  # noqa: E402
 
-import _tiny_sd as T  # noqa: E402
+from facediff.convert import pipeline as diffusers_io  # noqa: E402
+from facediff.models.stable_diffusion import SDModels  # noqa: E402
+from facediff.pipelines import text_to_image as t2i_lib  # noqa: E402
 
 PROMPTS = ["a photo of a cat", "old man smiling"]
 
@@ -20,8 +21,8 @@ PROMPTS = ["a photo of a cat", "old man smiling"]
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
   root = tmp_path_factory.mktemp("t2i")
-  pipe = T.make_tiny_sd_folder(root / "sd", seed=1)
-  models = sdio.load_pretrained(root / "sd")
+  pipe = tiny_sd.make_tiny_sd_folder(root / "sd", seed=1)
+  models = diffusers_io.load_pretrained(root / "sd")
   return root / "sd", pipe, t2i_lib.TextToImage(models)
 
 
@@ -41,7 +42,7 @@ def test_same_key_same_images_batch_and_png(tiny, tmp_path):
   np.testing.assert_array_equal(a, np.round(f * 255).astype(np.uint8))
   paths = t2i_lib.save_png(a, tmp_path / "png", prefix="cat")
   assert [p.rsplit("/", 1)[-1] for p in paths] == ["cat_0000.png", "cat_0001.png"]
-  for p, im in zip(paths, a):
+  for p, im in zip(paths, a, strict=True):
     np.testing.assert_array_equal(np.asarray(PIL.open(p).convert("RGB")), im)
 
 
@@ -61,7 +62,7 @@ def _diffusers_images(pipe, latents, steps, guidance):
     width=16,
     num_inference_steps=steps,
     guidance_scale=guidance,
-    latents=T.nchw(latents),
+    latents=tiny_sd.nchw(latents),
     output_type="np",
   )
   return gen_out.images
@@ -116,7 +117,7 @@ def test_cli_writes_pngs(tiny, tmp_path):
   )
   assert len(paths) == 2
   ref = t2i(["a photo of a dog", "old man"], jax.random.key(3), height=16, width=16, num_steps=4)
-  for p, r in zip(paths, ref):
+  for p, r in zip(paths, ref, strict=True):
     np.testing.assert_array_equal(np.asarray(PIL.open(p)), r)
 
 
@@ -124,7 +125,7 @@ def test_bad_sizes_and_missing_tokenizer(tiny):
   _, _, t2i = tiny
   with pytest.raises(ValueError, match="multiples"):
     t2i(PROMPTS, jax.random.key(0), height=15, width=16, num_steps=2)
-  models = sdio.SDModels(
+  models = SDModels(
     t2i.models.unet_config,
     t2i.models.vae_config,
     t2i.models.text_config,

@@ -1,6 +1,7 @@
 """VAE: parity with diffusers' AutoencoderKL (torch, float32) through the converter."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ def _torch_vae(kw, seed=0):
     down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n, **kw
   ).eval()
   with torch.no_grad():  # non-trivial norms and biases
-    for name, p in m.named_parameters():
+    for p in m.parameters():
       if p.ndim == 1:
         p.add_(0.1 * torch.randn_like(p))
   return m
@@ -51,7 +52,7 @@ def _nhwc(t):
 @pytest.mark.parametrize("kw", CONFIGS, ids=["two_level", "three_level_odd_channels"])
 def test_vae_matches_diffusers(kw):
   tvae = _torch_vae(kw)
-  cfg = vae_lib.VAEConfig.from_diffusers_dict(dict(tvae.config))
+  cfg = vae_convert.config_from_diffusers(dict(tvae.config))
   params = vae_convert.torch_to_flax({k: v.numpy() for k, v in tvae.state_dict().items()}, cfg)
   vae = vae_lib.AutoencoderKL(cfg)
   rng = np.random.default_rng(0)
@@ -103,7 +104,7 @@ def test_vae_export_roundtrip(tmp_path):
   import json
 
   with open(tmp_path / "config.json", "w") as f:
-    json.dump(cfg.to_diffusers_dict(), f)
+    json.dump(vae_convert.config_to_diffusers(cfg), f)
   tvae = diffusers.AutoencoderKL.from_pretrained(tmp_path).eval()
   with torch.no_grad():
     ref = tvae(_nchw(np.asarray(x))).sample
@@ -114,7 +115,7 @@ def test_vae_export_roundtrip(tmp_path):
 def test_legacy_attention_keys_load():
   kw = CONFIGS[0]
   tvae = _torch_vae(kw, seed=2)
-  cfg = vae_lib.VAEConfig.from_diffusers_dict(dict(tvae.config))
+  cfg = vae_convert.config_from_diffusers(dict(tvae.config))
   sd = {k: v.numpy() for k, v in tvae.state_dict().items()}
   legacy = {}
   for k, v in sd.items():
@@ -136,7 +137,7 @@ def test_legacy_attention_keys_load():
 
 def test_vae_bad_state_dict_lists_keys():
   tvae = _torch_vae(CONFIGS[0])
-  cfg = vae_lib.VAEConfig.from_diffusers_dict(dict(tvae.config))
+  cfg = vae_convert.config_from_diffusers(dict(tvae.config))
   sd = {k: v.numpy() for k, v in tvae.state_dict().items()}
   del sd["decoder.up_blocks.1.resnets.1.conv2.bias"]
   sd["quant_conv.weight"] = np.zeros((8, 8, 3, 3), np.float32)
@@ -150,7 +151,7 @@ def test_vae_bad_state_dict_lists_keys():
 
 def test_unsupported_config_is_named():
   with pytest.raises(ValueError, match="down_block_types"):
-    vae_lib.VAEConfig.from_diffusers_dict(
+    vae_convert.config_from_diffusers(
       {
         "block_out_channels": [32, 64],
         "down_block_types": ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"],
@@ -160,15 +161,14 @@ def test_unsupported_config_is_named():
 
 def test_bfloat16_compute_close_to_float32():
   tvae = _torch_vae(CONFIGS[0])
-  cfg = vae_lib.VAEConfig.from_diffusers_dict(dict(tvae.config))
+  cfg = vae_convert.config_from_diffusers(dict(tvae.config))
   params = vae_convert.torch_to_flax({k: v.numpy() for k, v in tvae.state_dict().items()}, cfg)
   z = np.random.default_rng(1).normal(size=(1, 8, 8, 4)).astype(np.float32)
   out = {}
   for dt in ("float32", "bfloat16"):
     vae = vae_lib.AutoencoderKL(dataclasses.replace(cfg, dtype=dt))
-    out[dt] = np.asarray(
-      jax.jit(lambda v, z: vae.apply(v, z, method=vae.decode))({"params": params}, z)
-    )
+    decode = jax.jit(functools.partial(vae.apply, method=vae.decode))
+    out[dt] = np.asarray(decode({"params": params}, z))
   assert out["bfloat16"].dtype == np.float32
   scale = np.abs(out["float32"]).max()
   assert np.abs(out["bfloat16"] - out["float32"]).max() < 0.05 * scale
@@ -191,7 +191,7 @@ def test_sd14_vae_shapes_match_diffusers():
     k: tuple(v.shape)
     for k, v in vae_convert.flax_to_torch(
       jax.tree.map(
-        lambda s: np.zeros(s.shape, np.float32), vae_convert.param_shapes(vae_lib.VAEConfig.sd14())
+        lambda s: np.zeros(s.shape, np.float32), vae_lib.abstract_params(vae_lib.VAEConfig.sd14())
       )
     ).items()
   }

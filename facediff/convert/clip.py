@@ -9,24 +9,48 @@ Import accepts both key spellings transformers has used: ``text_model.embeddings
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from facediff.convert import common
-from facediff.models.clip import CLIPTextConfig, CLIPTextModel
+from facediff.models.clip import CLIPTextConfig, abstract_params
 
 PREFIX = "text_model."
 _IGNORED = ("embeddings.position_ids",)
 
 
-def param_shapes(config: CLIPTextConfig) -> Any:
-  """The facediff param tree's shapes (``jax.eval_shape``, no memory allocated)."""
-  model = CLIPTextModel(config)
-  ids = jnp.zeros((1, config.max_position_embeddings), jnp.int32)
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), ids))["params"]
+def config_from_transformers(d: dict[str, Any], source: str = "config") -> CLIPTextConfig:
+  """A ``CLIPTextConfig`` from a transformers ``config.json`` dictionary (a text
+  config, or a full CLIPModel config whose ``text_config`` is used)."""
+  if "text_config" in d:
+    d = d["text_config"]
+  kwargs = {}
+  for f in dataclasses.fields(CLIPTextConfig):
+    if f.name in d and f.name != "dtype":
+      kwargs[f.name] = d[f.name]
+  missing = [n for n in ("hidden_size", "num_hidden_layers", "num_attention_heads") if n not in d]
+  if missing:
+    raise ValueError(f"{source}: CLIP text config lacks field(s) {missing}")
+  cfg = CLIPTextConfig(**kwargs)
+  cfg.validate(source)
+  return cfg
+
+
+def config_to_transformers(config: CLIPTextConfig) -> dict[str, Any]:
+  """The ``config.json`` content transformers' ``CLIPTextModel`` expects."""
+  d = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "dtype"}
+  d.update(
+    architectures=["CLIPTextModel"],
+    model_type="clip_text_model",
+    attention_dropout=0.0,
+    initializer_factor=1.0,
+    initializer_range=0.02,
+    projection_dim=config.hidden_size,
+    torch_dtype="float32",
+  )
+  return d
 
 
 def strip_prefix(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -66,7 +90,7 @@ def torch_to_flax(
   if overlap:
     raise ValueError(f"{source}: keys map to the same parameter twice: {sorted(overlap)}")
   flat.update(generic)
-  return common.match_params(param_shapes(config), flat, source)
+  return common.match_params(abstract_params(config), flat, source)
 
 
 def flax_to_torch(params: Mapping[str, Any], prefix: str = PREFIX) -> dict[str, np.ndarray]:

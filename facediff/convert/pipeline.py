@@ -21,28 +21,12 @@ from typing import Any, Mapping
 import numpy as np
 
 from facediff.convert import clip as clip_convert
-from facediff.convert import common
+from facediff.convert import common, compvis
 from facediff.convert import unet as unet_convert
 from facediff.convert import vae as vae_convert
 from facediff.models.clip import CLIPTextConfig
-from facediff.models.unet import UNetConfig
+from facediff.models.stable_diffusion import SD_SCHEDULER_CONFIG, SDModels
 from facediff.models.vae import VAEConfig
-
-# SD-1.x's scheduler/scheduler_config.json (PNDM, scaled_linear betas).
-SD_SCHEDULER_CONFIG: dict[str, Any] = {
-  "_class_name": "PNDMScheduler",
-  "beta_start": 0.00085,
-  "beta_end": 0.012,
-  "beta_schedule": "scaled_linear",
-  "num_train_timesteps": 1000,
-  "set_alpha_to_one": False,
-  "skip_prk_steps": True,
-  "steps_offset": 1,
-  "prediction_type": "epsilon",
-  "timestep_spacing": "leading",
-  "trained_betas": None,
-  "clip_sample": False,
-}
 
 TOKENIZER_FILES = (
   "vocab.json",
@@ -52,24 +36,6 @@ TOKENIZER_FILES = (
   "tokenizer.json",
   "added_tokens.json",
 )
-
-
-@dataclasses.dataclass
-class SDModels:
-  """A Stable Diffusion model set in facediff form.
-
-  ``params`` = {"unet": ..., "vae": ..., "text_encoder": ...}, each a nested dict of
-  float32 arrays. ``tokenizer_path``: folder with CLIP's vocab.json/merges.txt, or
-  None (a CompVis single file carries no tokenizer). ``scheduler``: the diffusers
-  scheduler config (SD's PNDM one when the source has none).
-  """
-
-  unet_config: UNetConfig
-  vae_config: VAEConfig
-  text_config: CLIPTextConfig
-  params: dict[str, Any]
-  tokenizer_path: str | None = None
-  scheduler: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(SD_SCHEDULER_CONFIG))
 
 
 def _read_json(path: str, what: str) -> dict[str, Any]:
@@ -97,7 +63,7 @@ def load_vae(
 ) -> tuple[VAEConfig, dict]:
   """(config, params) from a diffusers ``AutoencoderKL`` folder."""
   cfg_path = os.path.join(folder, "config.json")
-  cfg = VAEConfig.from_diffusers_dict(_read_json(cfg_path, "VAE config"), source=cfg_path)
+  cfg = vae_convert.config_from_diffusers(_read_json(cfg_path, "VAE config"), source=cfg_path)
   cfg = dataclasses.replace(cfg, dtype=dtype)
   state, source = _read_component(folder, ("diffusion_pytorch_model",), variant)
   return cfg, vae_convert.torch_to_flax(state, cfg, source)
@@ -108,7 +74,9 @@ def load_text_encoder(
 ) -> tuple[CLIPTextConfig, dict]:
   """(config, params) from a transformers ``CLIPTextModel`` folder."""
   cfg_path = os.path.join(folder, "config.json")
-  cfg = CLIPTextConfig.from_hf_dict(_read_json(cfg_path, "text encoder config"), source=cfg_path)
+  cfg = clip_convert.config_from_transformers(
+    _read_json(cfg_path, "text encoder config"), source=cfg_path
+  )
   cfg = dataclasses.replace(cfg, dtype=dtype)
   state, source = _read_component(folder, ("model", "pytorch_model"), variant)
   return cfg, clip_convert.torch_to_flax(state, cfg, source)
@@ -163,8 +131,6 @@ def load_models(path: str | os.PathLike, **kwargs) -> SDModels:
   (``facediff.convert.compvis.load_compvis_checkpoint``)."""
   path = os.fspath(path)
   if os.path.isfile(path):
-    from facediff.convert import compvis  # noqa: PLC0415  (imports this module)
-
     return compvis.load_compvis_checkpoint(path, **kwargs)
   return load_pretrained(path, **kwargs)
 
@@ -194,7 +160,7 @@ def save_pretrained(
 
   vae_dir = os.path.join(folder, "vae")
   os.makedirs(vae_dir, exist_ok=True)
-  vae_cfg = models.vae_config.to_diffusers_dict()
+  vae_cfg = vae_convert.config_to_diffusers(models.vae_config)
   vae_cfg["_diffusers_version"] = unet_convert.DIFFUSERS_VERSION
   _write_json(vae_cfg, os.path.join(vae_dir, "config.json"))
   common.write_safetensors(
@@ -204,7 +170,8 @@ def save_pretrained(
 
   te_dir = os.path.join(folder, "text_encoder")
   os.makedirs(te_dir, exist_ok=True)
-  _write_json(models.text_config.to_hf_dict(), os.path.join(te_dir, "config.json"))
+  text_config = clip_convert.config_to_transformers(models.text_config)
+  _write_json(text_config, os.path.join(te_dir, "config.json"))
   common.write_safetensors(
     clip_convert.flax_to_torch(p["text_encoder"]), os.path.join(te_dir, "model.safetensors")
   )

@@ -8,23 +8,52 @@ saved before diffusers 0.14 still carry (``query``/``key``/``value``/``proj_attn
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from facediff.convert import common
-from facediff.models.vae import AutoencoderKL, VAEConfig
+from facediff.models.vae import VAEConfig, abstract_params
 
 _LEGACY_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
-def param_shapes(config: VAEConfig) -> Any:
-  """The facediff VAE param tree's shapes (``jax.eval_shape``, nothing allocated)."""
-  f = config.downsample_factor
-  x = jnp.zeros((1, 2 * f, 2 * f, config.in_channels), jnp.float32)
-  return jax.eval_shape(lambda: AutoencoderKL(config).init(jax.random.key(0), x))["params"]
+def config_from_diffusers(d: dict[str, Any], source: str = "config") -> VAEConfig:
+  """A ``VAEConfig`` from a diffusers ``vae/config.json`` dictionary (checks block types)."""
+  n = len(d.get("block_out_channels", VAEConfig.block_out_channels))
+  for field, want in (
+    ("down_block_types", "DownEncoderBlock2D"),
+    ("up_block_types", "UpDecoderBlock2D"),
+  ):
+    got = list(d.get(field, [want] * n))
+    if got != [want] * n:
+      raise ValueError(f"{source}: {field} must be {n} x {want!r}, got {got}")
+  for field, want in (("shift_factor", None), ("latents_mean", None), ("latents_std", None)):
+    if d.get(field, want) is not None:
+      raise ValueError(f"{source}: {field}={d[field]!r} is not supported (SD-1.x VAE has none)")
+  kwargs = {}
+  for f in dataclasses.fields(VAEConfig):
+    if f.name in d and f.name != "dtype":
+      v = d[f.name]
+      kwargs[f.name] = tuple(v) if isinstance(v, list) else v
+  cfg = VAEConfig(**kwargs)
+  cfg.validate(source)
+  return cfg
+
+
+def config_to_diffusers(config: VAEConfig) -> dict[str, Any]:
+  """The ``config.json`` content diffusers' ``AutoencoderKL`` expects."""
+  d = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "dtype"}
+  d["block_out_channels"] = list(config.block_out_channels)
+  n = len(config.block_out_channels)
+  d.update(
+    _class_name="AutoencoderKL",
+    down_block_types=["DownEncoderBlock2D"] * n,
+    up_block_types=["UpDecoderBlock2D"] * n,
+    force_upcast=True,
+  )
+  return d
 
 
 def modernise_keys(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -50,7 +79,7 @@ def torch_to_flax(
   unexpected or mis-shaped key.
   """
   flat = common.torch_to_flax_generic(modernise_keys(state_dict))
-  return common.match_params(param_shapes(config), flat, source)
+  return common.match_params(abstract_params(config), flat, source)
 
 
 def flax_to_torch(params: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -60,36 +60,6 @@ class CLIPTextConfig:
       num_attention_heads=4,
       eos_token_id=2,
     )
-
-  @classmethod
-  def from_hf_dict(cls, d: dict[str, Any], source: str = "config") -> "CLIPTextConfig":
-    """Builds a config from a transformers ``config.json`` dictionary."""
-    if "text_config" in d:  # a full CLIPModel config
-      d = d["text_config"]
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-      if f.name in d and f.name != "dtype":
-        kwargs[f.name] = d[f.name]
-    missing = [n for n in ("hidden_size", "num_hidden_layers", "num_attention_heads") if n not in d]
-    if missing:
-      raise ValueError(f"{source}: CLIP text config lacks field(s) {missing}")
-    cfg = cls(**kwargs)
-    cfg.validate(source)
-    return cfg
-
-  def to_hf_dict(self) -> dict[str, Any]:
-    """The ``config.json`` content transformers' ``CLIPTextModel`` expects."""
-    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "dtype"}
-    d.update(
-      architectures=["CLIPTextModel"],
-      model_type="clip_text_model",
-      attention_dropout=0.0,
-      initializer_factor=1.0,
-      initializer_range=0.02,
-      projection_dim=self.hidden_size,
-      torch_dtype="float32",
-    )
-    return d
 
   def validate(self, source: str = "config") -> None:
     if self.hidden_size % self.num_attention_heads:
@@ -220,6 +190,18 @@ class CLIPTextModel(nn.Module):
     x = _layer_norm(cfg.layer_norm_eps, "final_layer_norm")(x)
     pooled = x[jnp.arange(b), eos_positions(input_ids, cfg.eos_token_id)]
     return x, pooled
+
+
+def init_params(config: CLIPTextConfig, key: jax.Array):
+  """Random params (boxed with logical axes, as module.init returns them). Traceable:
+  use under jax.jit / jax.eval_shape (see facediff.partitioning.init_sharded)."""
+  ids = jnp.zeros((1, config.max_position_embeddings), jnp.int32)
+  return CLIPTextModel(config).init(key, ids)["params"]
+
+
+def abstract_params(config: CLIPTextConfig):
+  """The param tree's shapes and dtypes (``jax.eval_shape``, nothing allocated)."""
+  return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
 
 
 def eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:

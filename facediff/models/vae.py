@@ -18,7 +18,6 @@ Use through ``apply(..., method=...)``:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax
 import flax.linen as nn
@@ -61,42 +60,6 @@ class VAEConfig:
   @property
   def downsample_factor(self) -> int:
     return 2 ** (len(self.block_out_channels) - 1)
-
-  @classmethod
-  def from_diffusers_dict(cls, d: dict[str, Any], source: str = "config") -> "VAEConfig":
-    """Builds a config from a diffusers ``vae/config.json`` dictionary (checks block types)."""
-    n = len(d.get("block_out_channels", cls.block_out_channels))
-    for field, want in (
-      ("down_block_types", "DownEncoderBlock2D"),
-      ("up_block_types", "UpDecoderBlock2D"),
-    ):
-      got = list(d.get(field, [want] * n))
-      if got != [want] * n:
-        raise ValueError(f"{source}: {field} must be {n} x {want!r}, got {got}")
-    for field, want in (("shift_factor", None), ("latents_mean", None), ("latents_std", None)):
-      if d.get(field, want) is not None:
-        raise ValueError(f"{source}: {field}={d[field]!r} is not supported (SD-1.x VAE has none)")
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-      if f.name in d and f.name != "dtype":
-        v = d[f.name]
-        kwargs[f.name] = tuple(v) if isinstance(v, list) else v
-    cfg = cls(**kwargs)
-    cfg.validate(source)
-    return cfg
-
-  def to_diffusers_dict(self) -> dict[str, Any]:
-    """The ``config.json`` content diffusers' ``AutoencoderKL`` expects."""
-    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "dtype"}
-    d["block_out_channels"] = list(self.block_out_channels)
-    n = len(self.block_out_channels)
-    d.update(
-      _class_name="AutoencoderKL",
-      down_block_types=["DownEncoderBlock2D"] * n,
-      up_block_types=["UpDecoderBlock2D"] * n,
-      force_upcast=True,
-    )
-    return d
 
   def validate(self, source: str = "config") -> None:
     if self.act_fn != "silu":
@@ -295,3 +258,20 @@ class AutoencoderKL(nn.Module):
   def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
     post = self.encode(x)
     return self.decode(post.mode() if key is None else post.sample(key))
+
+
+# ----------------------------------------------------------------------------- functional API
+
+
+def init_params(config: VAEConfig, key: jax.Array, sample_hw: tuple[int, int] | None = None):
+  """Random params (boxed with logical axes, as module.init returns them). Traceable:
+  use under jax.jit / jax.eval_shape (see facediff.partitioning.init_sharded)."""
+  f = config.downsample_factor
+  hw = sample_hw or (2 * f, 2 * f)
+  x = jnp.zeros((1, *hw, config.in_channels), jnp.float32)
+  return AutoencoderKL(config).init(key, x)["params"]
+
+
+def abstract_params(config: VAEConfig):
+  """The param tree's shapes and dtypes (``jax.eval_shape``, nothing allocated)."""
+  return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))

@@ -27,9 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from facediff.convert.pipeline import SDModels
 from facediff.diffusion import samplers, schedules
+from facediff.models import clip as clip_lib
+from facediff.models import unet as unet_lib
+from facediff.models import vae as vae_lib
 from facediff.models.clip import CLIPTextModel, CLIPTokenizer
+from facediff.models.stable_diffusion import SDModels
 from facediff.models.unet import UNet2DConditionModel
 from facediff.models.vae import AutoencoderKL
 
@@ -143,14 +146,10 @@ def _from_key(
 
 def abstract_params(spec: _Spec) -> dict[str, Any]:
   """Shapes of the three models' params, boxed with their logical axes (no memory)."""
-  from facediff.convert import clip as clip_convert  # noqa: PLC0415
-  from facediff.convert import vae as vae_convert  # noqa: PLC0415
-  from facediff.models import unet as unet_lib  # noqa: PLC0415
-
   return {
     "unet": unet_lib.abstract_params(spec.unet),
-    "vae": vae_convert.param_shapes(spec.vae),
-    "text_encoder": clip_convert.param_shapes(spec.text),
+    "vae": vae_lib.abstract_params(spec.vae),
+    "text_encoder": clip_lib.abstract_params(spec.text),
   }
 
 
