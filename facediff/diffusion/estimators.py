@@ -24,7 +24,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from facediff.diffusion import schedules as S
+from facediff.diffusion import schedules
 from facediff.diffusion.schedules import NoiseSchedule
 
 EpsFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
@@ -37,7 +37,7 @@ class X0Estimate(NamedTuple):
 
 
 def _as_t(t: Any, z_t: jax.Array, schedule: NoiseSchedule) -> jax.Array:
-  S.check_timesteps(t, schedule.num_train_timesteps)
+  schedules.check_timesteps(t, schedule.num_train_timesteps)
   t = jnp.asarray(t, jnp.int32)
   return jnp.broadcast_to(t, (z_t.shape[0],)) if t.ndim == 0 else t
 
@@ -48,7 +48,7 @@ def one_step_x0(
   """DiffSFSR Eq. 1 inverted: z0* = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
   t = _as_t(t, z_t, schedule)
   eps = eps_fn(z_t, t, cond)
-  return X0Estimate(S.predict_x0(schedule, z_t, t, eps), eps, t)
+  return X0Estimate(schedules.predict_x0(schedule, z_t, t, eps), eps, t)
 
 
 def midpoint_jump(
@@ -56,7 +56,8 @@ def midpoint_jump(
 ) -> jax.Array:
   """DiffSFSR Eq. 8 (DiffSwap's midpoint step):
   z_{t1} = (z_t - sqrt(1 - abar_t / abar_t1) eps) / sqrt(abar_t / abar_t1)."""
-  ratio = S.gather(schedule.alphas_cumprod, t, z_t) / S.gather(schedule.alphas_cumprod, t1, z_t)
+  abar = schedule.alphas_cumprod
+  ratio = schedules.gather(abar, t, z_t) / schedules.gather(abar, t1, z_t)
   return (z_t - jnp.sqrt(jnp.maximum(1.0 - ratio, 0.0)) * eps) / jnp.sqrt(ratio)
 
 
@@ -64,7 +65,7 @@ def second_call_x0(
   eps_fn: EpsFn, schedule: NoiseSchedule, z_t1: jax.Array, t1: jax.Array, cond: Any
 ) -> jax.Array:
   """DiffSFSR Eq. 9: z0* = (z_t1 - sqrt(1 - abar_t1) eps(z_t1, t1)) / sqrt(abar_t1)."""
-  return S.predict_x0(schedule, z_t1, t1, eps_fn(z_t1, t1, cond))
+  return schedules.predict_x0(schedule, z_t1, t1, eps_fn(z_t1, t1, cond))
 
 
 def midpoint_x0(
@@ -90,9 +91,9 @@ def improved_midpoint_x0(
   t = _as_t(t, z_t, schedule)
   t1 = t // 2
   eps = eps_fn(z_t, t, cond)
-  x0_hat = S.predict_x0(schedule, z_t, t, eps)
-  a, b = S.posterior_chain(schedule, t, t1)
-  z_t1 = S.expand_to(a, z_t) * z_t + S.expand_to(b, z_t) * x0_hat
+  x0_hat = schedules.predict_x0(schedule, z_t, t, eps)
+  a, b = schedules.posterior_chain(schedule, t, t1)
+  z_t1 = schedules.expand_to(a, z_t) * z_t + schedules.expand_to(b, z_t) * x0_hat
   return X0Estimate(second_call_x0(eps_fn, schedule, z_t1, t1, cond), eps, t1)
 
 

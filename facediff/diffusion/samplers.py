@@ -26,6 +26,7 @@ denoiser call per step, ``eps = eps_u + s (eps_c - eps_u)``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -77,17 +78,19 @@ class _Program:
   """Per-step tables of one trajectory (host numpy, one row per denoiser call)."""
 
   t_model: np.ndarray  # timestep fed to the denoiser
-  t_from: np.ndarray  # the update goes from t_from ...
+  t_from: np.ndarray  # the transfer goes from t_from ...
   t_to: np.ndarray  # ... to t_to (negative: the final alpha)
-  # PNDM linear-multistep bookkeeping (unused by ddpm/ddim):
-  push: np.ndarray | None = None  # push the new output into the history
-  c_new: np.ndarray | None = None  # weight of the new output
-  c_acc: np.ndarray | None = None  # weight of the Runge-Kutta accumulator
-  c_hist: np.ndarray | None = None  # (n, 4) weights of the history, newest first
-  k_acc: np.ndarray | None = None  # acc' = k_keep * acc + k_acc * new
-  k_keep: np.ndarray | None = None
-  set_base: np.ndarray | None = None  # remember the current sample as the base
-  use_base: np.ndarray | None = None  # update starts from the base, not the current sample
+  # PNDM bookkeeping (unused by ddpm/ddim), in the PNDM paper's terms: e_t are the noise
+  # estimates, PRK the pseudo Runge-Kutta warm-up, PLMS the pseudo linear multistep
+  # steps, phi the transfer x_t -> x_{t-delta} given a combined noise estimate e'.
+  store_eps: np.ndarray | None = None  # 1: push this call's e_t onto the e_t history
+  w_eps: np.ndarray | None = None  # weight of this call's e_t in e'
+  w_rk_sum: np.ndarray | None = None  # weight of the running PRK sum in e'
+  w_eps_history: np.ndarray | None = None  # (n, 4) PLMS weights of the history, newest first
+  rk_sum_keep: np.ndarray | None = None  # PRK sum' = rk_sum_keep * sum + rk_sum_add * e_t
+  rk_sum_add: np.ndarray | None = None
+  save_x: np.ndarray | None = None  # 1: remember this x_t as the start of a PRK step
+  from_saved_x: np.ndarray | None = None  # 1: phi starts from the remembered x_t
 
 
 def _ddpm_program(T: int, timesteps: np.ndarray) -> _Program:
@@ -128,9 +131,18 @@ def _pndm_program(
     plms = base_ts[:-3][::-1]
   n = len(prk) + len(plms)
   cols = {
-    k: np.zeros(n) for k in ("push", "c_new", "c_acc", "k_acc", "k_keep", "set_base", "use_base")
+    k: np.zeros(n)
+    for k in (
+      "store_eps",
+      "w_eps",
+      "w_rk_sum",
+      "rk_sum_add",
+      "rk_sum_keep",
+      "save_x",
+      "from_saved_x",
+    )
   }
-  c_hist = np.zeros((n, 4))
+  eps_history_weights = np.zeros((n, 4))
   t_model = np.concatenate([prk, plms]).astype(np.int64)
   t_from = np.zeros(n, np.int64)
   t_to = np.zeros(n, np.int64)
@@ -141,43 +153,45 @@ def _pndm_program(
       t_to[i] = ts - (0 if counter % 2 else ratio // 2)
       t_from[i] = prk[counter // 4 * 4]
       phase = counter % 4
-      cols["use_base"][i] = 1.0  # every RK stage restarts from the stage's base sample
-      cols["k_keep"][i] = 1.0
+      cols["from_saved_x"][i] = 1.0  # every RK stage restarts from the stage's base sample
+      cols["rk_sum_keep"][i] = 1.0
       if phase == 0:
-        cols["k_acc"][i] = 1 / 6
-        cols["push"][i] = 1.0
+        cols["rk_sum_add"][i] = 1 / 6
+        cols["store_eps"][i] = 1.0
         n_ets = min(n_ets + 1, 4)
-        cols["set_base"][i] = 1.0
-        cols["c_new"][i] = 1.0
+        cols["save_x"][i] = 1.0
+        cols["w_eps"][i] = 1.0
       elif phase in (1, 2):
-        cols["k_acc"][i] = 1 / 3
-        cols["c_new"][i] = 1.0
+        cols["rk_sum_add"][i] = 1 / 3
+        cols["w_eps"][i] = 1.0
       else:
-        cols["c_acc"][i] = 1.0
-        cols["c_new"][i] = 1 / 6
-        cols["k_keep"][i] = 0.0
+        cols["w_rk_sum"][i] = 1.0
+        cols["w_eps"][i] = 1 / 6
+        cols["rk_sum_keep"][i] = 0.0
     else:  # linear multistep (the scheduler's step_plms)
       t_from[i], t_to[i] = ts, ts - ratio
       if counter != 1:
-        cols["push"][i] = 1.0
+        cols["store_eps"][i] = 1.0
         n_ets = min(n_ets + 1, 4)
       else:
         t_from[i], t_to[i] = ts + ratio, ts
       if n_ets == 1 and counter == 0:
-        cols["c_new"][i] = 1.0
-        cols["set_base"][i] = 1.0
+        cols["w_eps"][i] = 1.0
+        cols["save_x"][i] = 1.0
       elif n_ets == 1 and counter == 1:
-        cols["c_new"][i] = 0.5
-        c_hist[i, 0] = 0.5
-        cols["use_base"][i] = 1.0
+        cols["w_eps"][i] = 0.5
+        eps_history_weights[i, 0] = 0.5
+        cols["from_saved_x"][i] = 1.0
       elif n_ets == 2:
-        c_hist[i, :2] = [3 / 2, -1 / 2]
+        eps_history_weights[i, :2] = [3 / 2, -1 / 2]
       elif n_ets == 3:
-        c_hist[i, :3] = [23 / 12, -16 / 12, 5 / 12]
+        eps_history_weights[i, :3] = [23 / 12, -16 / 12, 5 / 12]
       else:
-        c_hist[i, :4] = [55 / 24, -59 / 24, 37 / 24, -9 / 24]
+        eps_history_weights[i, :4] = [55 / 24, -59 / 24, 37 / 24, -9 / 24]
     counter += 1
-  return _Program(t_model=t_model, t_from=t_from, t_to=t_to, c_hist=c_hist, **cols)
+  return _Program(
+    t_model=t_model, t_from=t_from, t_to=t_to, w_eps_history=eps_history_weights, **cols
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -228,9 +242,10 @@ def _maybe_clip(x0: jax.Array, clip_sample: float | None) -> jax.Array:
   return x0 if clip_sample is None else jnp.clip(x0, -clip_sample, clip_sample)
 
 
-def _ddpm_update(x, x0, t, a_t, a_prev, z):
+def _ddpm_update(*, x, eps, x0, t, a_t, a_prev, z):
   """Ancestral step: DiffSFSR Eq. 2's posterior with the (strided) step's effective
-  beta = 1 - abar_t / abar_prev, plus sqrt(beta_tilde) noise except at t = 0."""
+  beta = 1 - abar_t / abar_prev, plus sqrt(beta_tilde) noise except at t = 0 (``eps``
+  unused: the step is written in x0)."""
   alpha_t = a_t / a_prev
   beta_t = 1.0 - alpha_t
   mean = (jnp.sqrt(a_prev) * beta_t / (1.0 - a_t)) * x0 + (
@@ -240,8 +255,9 @@ def _ddpm_update(x, x0, t, a_t, a_prev, z):
   return mean + jnp.where(t > 0, jnp.sqrt(var), 0.0) * z
 
 
-def _ddim_update(eps, x0, a_t, a_prev, z, eta):
-  """DDIM step with stochasticity eta (noise added only when eta > 0)."""
+def _ddim_update(*, x, eps, x0, t, a_t, a_prev, z, eta):
+  """DDIM step with stochasticity eta (noise added only when eta > 0; ``x`` and ``t``
+  unused: the step is written in x0 and eps)."""
   var = (1.0 - a_prev) / (1.0 - a_t) * (1.0 - a_t / a_prev)
   std = eta * jnp.sqrt(var)
   x_new = jnp.sqrt(a_prev) * x0 + jnp.sqrt(1.0 - a_prev - std**2) * eps
@@ -261,6 +277,88 @@ def _noise_seq(
   if key is None:
     raise ValueError(f"key: {method} with stochastic steps needs a PRNG key (or noise=...)")
   return jax.random.normal(key, (n,) + x.shape, x.dtype)
+
+
+def _timesteps_int32(values: np.ndarray) -> jax.Array:
+  return jnp.asarray(values, jnp.int32)
+
+
+def _weights_float32(values: np.ndarray) -> jax.Array:
+  return jnp.asarray(values, jnp.float32)
+
+
+def _ancestral_scan(f, schedule, x_T, prog: _Program, noises, update, last_alpha, clip_sample):
+  """DDPM / DDIM: each step predicts x0 from one denoiser call, then ``update`` moves
+  x_t to x_{t_prev} (``_ddpm_update`` or ``_ddim_update``)."""
+  batch = x_T.shape[0]
+
+  def step(x, inputs):
+    t, t_prev, z = inputs
+    eps = f(x, jnp.full((batch,), t, jnp.int32))
+    a_t = _alpha(schedule, t, 1.0)
+    a_prev = _alpha(schedule, t_prev, last_alpha)
+    x0 = _maybe_clip((x - jnp.sqrt(1.0 - a_t) * eps) / jnp.sqrt(a_t), clip_sample)
+    x_new = update(x=x, eps=eps, x0=x0, t=t, a_t=a_t, a_prev=a_prev, z=z)
+    return x_new, x_new
+
+  xs = (_timesteps_int32(prog.t_model), _timesteps_int32(prog.t_to), noises)
+  return jax.lax.scan(step, x_T, xs)
+
+
+def _pndm_scan(f, schedule, x_T, prog: _Program, final_alpha):
+  """PNDM: each call's noise estimate e_t is combined with the PRK running sum and
+  the PLMS history into e' by the host-computed weights, then the transfer phi moves
+  the sample (PNDM paper, Eq. 11's transfer; SD's PLMS when PRK is skipped)."""
+  batch = x_T.shape[0]
+
+  def step(carry, inputs):
+    x, saved_x, rk_sum, eps_history = carry
+    (
+      t,
+      t_from,
+      t_to,
+      store_eps,
+      w_eps,
+      w_rk_sum,
+      w_eps_history,
+      rk_sum_keep,
+      rk_sum_add,
+      save_x,
+      from_saved_x,
+    ) = inputs
+    eps = f(x, jnp.full((batch,), t, jnp.int32))
+    pushed = jnp.concatenate([eps[None], eps_history[:3]])
+    eps_history = jnp.where(store_eps > 0, pushed, eps_history)
+    eps_combined = (
+      w_eps * eps + w_rk_sum * rk_sum + jnp.tensordot(w_eps_history, eps_history, axes=1)
+    )
+    rk_sum = rk_sum_keep * rk_sum + rk_sum_add * eps
+    saved_x = jnp.where(save_x > 0, x, saved_x)
+    start = jnp.where(from_saved_x > 0, saved_x, x)
+    a_t = _alpha(schedule, t_from, final_alpha)
+    a_prev = _alpha(schedule, t_to, final_alpha)
+    # The transfer phi from t_from to t_to with the combined noise estimate.
+    denom = a_t * jnp.sqrt(1.0 - a_prev) + jnp.sqrt(a_t * (1.0 - a_t) * a_prev)
+    x_new = jnp.sqrt(a_prev / a_t) * start - (a_prev - a_t) * eps_combined / denom
+    return (x_new, saved_x, rk_sum, eps_history), x_new
+
+  xs = (
+    _timesteps_int32(prog.t_model),
+    _timesteps_int32(prog.t_from),
+    _timesteps_int32(prog.t_to),
+    _weights_float32(prog.store_eps),
+    _weights_float32(prog.w_eps),
+    _weights_float32(prog.w_rk_sum),
+    _weights_float32(prog.w_eps_history),
+    _weights_float32(prog.rk_sum_keep),
+    _weights_float32(prog.rk_sum_add),
+    _weights_float32(prog.save_x),
+    _weights_float32(prog.from_saved_x),
+  )
+  zeros = jnp.zeros_like(x_T)
+  carry0 = (x_T, zeros, zeros, jnp.zeros((4,) + x_T.shape, x_T.dtype))
+  (x_final, *_), trajectory = jax.lax.scan(step, carry0, xs)
+  return x_final, trajectory
 
 
 def sample(
@@ -334,66 +432,14 @@ def sample(
   f = guided_eps_fn(eps_fn, cond, uncond, guidance_scale)
   x_T = jnp.asarray(x_T)
   n = len(prog.t_model)
-  batch = x_T.shape[0]
   stochastic = method == "ddpm" or (method == "ddim" and eta > 0)
   noises = _noise_seq(key, noise, n, x_T, stochastic, method)
-  i32 = lambda a: jnp.asarray(a, jnp.int32)  # noqa: E731
-
-  if method in ("ddpm", "ddim"):
-    xs = (i32(prog.t_model), i32(prog.t_to), noises)
-    last_alpha = 1.0 if method == "ddpm" else final_alpha
-
-    def step(x, inp):
-      t, t_prev, z = inp
-      eps = f(x, jnp.full((batch,), t, jnp.int32))
-      a_t = _alpha(schedule, t, 1.0)
-      a_prev = _alpha(schedule, t_prev, last_alpha)
-      x0 = _maybe_clip((x - jnp.sqrt(1.0 - a_t) * eps) / jnp.sqrt(a_t), clip_sample)
-      if method == "ddpm":
-        x_new = _ddpm_update(x, x0, t, a_t, a_prev, z)
-      else:
-        x_new = _ddim_update(eps, x0, a_t, a_prev, z, eta)
-      return x_new, x_new
-
-    x_final, traj = jax.lax.scan(step, x_T, xs)
-
+  if method == "pndm":
+    x_final, traj = _pndm_scan(f, schedule, x_T, prog, final_alpha)
   else:
-    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
-    xs = (
-      i32(prog.t_model),
-      i32(prog.t_from),
-      i32(prog.t_to),
-      f32(prog.push),
-      f32(prog.c_new),
-      f32(prog.c_acc),
-      f32(prog.c_hist),
-      f32(prog.k_acc),
-      f32(prog.k_keep),
-      f32(prog.set_base),
-      f32(prog.use_base),
-    )
-    zeros = jnp.zeros_like(x_T)
-    carry0 = (x_T, zeros, zeros, jnp.zeros((4,) + x_T.shape, x_T.dtype))
-
-    def step(carry, inp):
-      x, base, acc, hist = carry
-      t, t_from, t_to, push, c_new, c_acc, c_hist, k_acc, k_keep, set_base, use_base = inp
-      e = f(x, jnp.full((batch,), t, jnp.int32))
-      pushed = jnp.concatenate([e[None], hist[:3]])
-      hist = jnp.where(push > 0, pushed, hist)
-      comb = c_new * e + c_acc * acc + jnp.tensordot(c_hist, hist, axes=1)
-      acc = k_keep * acc + k_acc * e
-      base = jnp.where(set_base > 0, x, base)
-      src = jnp.where(use_base > 0, base, x)
-      a_t = _alpha(schedule, t_from, final_alpha)
-      a_prev = _alpha(schedule, t_to, final_alpha)
-      # The PNDM transfer from t_from to t_to with noise estimate comb.
-      denom = a_t * jnp.sqrt(1.0 - a_prev) + jnp.sqrt(a_t * (1.0 - a_t) * a_prev)
-      x_new = jnp.sqrt(a_prev / a_t) * src - (a_prev - a_t) * comb / denom
-      return (x_new, base, acc, hist), x_new
-
-    (x_final, *_), traj = jax.lax.scan(step, carry0, xs)
-
+    last_alpha = 1.0 if method == "ddpm" else final_alpha
+    update = _ddpm_update if method == "ddpm" else functools.partial(_ddim_update, eta=eta)
+    x_final, traj = _ancestral_scan(f, schedule, x_T, prog, noises, update, last_alpha, clip_sample)
   return (x_final, traj) if return_trajectory else x_final
 
 

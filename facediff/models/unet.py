@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from facediff.models import layers as L
+from facediff.models import layers
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -127,7 +127,7 @@ class UNetConfig:
           f"UNetConfig.{f} must be one of {sorted(_DTYPES)}, got {getattr(self, f)!r}"
         )
     heads = self.heads_per_block()
-    for c, h in zip(self.block_out_channels, heads):
+    for c, h in zip(self.block_out_channels, heads, strict=True):
       if c % h:
         raise ValueError(f"UNetConfig: {c} channels not divisible by {h} attention heads")
     self.layers_per_block_list()
@@ -204,14 +204,14 @@ class BasicTransformerBlock(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     hd = self.dim // self.heads
     impl = self.attention_impl
-    x = x + L.Attention(self.heads, hd, implementation=impl, name="attn1", **kw)(
-      L.LayerNorm(1e-5, name="norm1", **kw)(x)
+    x = x + layers.Attention(self.heads, hd, implementation=impl, name="attn1", **kw)(
+      layers.LayerNorm(1e-5, name="norm1", **kw)(x)
     )
-    x = x + L.Attention(self.heads, hd, implementation=impl, name="attn2", **kw)(
-      L.LayerNorm(1e-5, name="norm2", **kw)(x), context
+    x = x + layers.Attention(self.heads, hd, implementation=impl, name="attn2", **kw)(
+      layers.LayerNorm(1e-5, name="norm2", **kw)(x), context
     )
-    x = x + L.FeedForward(self.dim, dropout=self.dropout, name="ff", **kw)(
-      L.LayerNorm(1e-5, name="norm3", **kw)(x), deterministic=deterministic
+    x = x + layers.FeedForward(self.dim, dropout=self.dropout, name="ff", **kw)(
+      layers.LayerNorm(1e-5, name="norm3", **kw)(x), deterministic=deterministic
     )
     return x
 
@@ -235,11 +235,12 @@ class Transformer2D(nn.Module):
   def __call__(self, x, context, deterministic: bool = True):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, h, w, c = x.shape
-    y = L.GroupNorm(self.groups, 1e-6, name="norm", **kw)(x)
+    y = layers.GroupNorm(self.groups, 1e-6, name="norm", **kw)(x)
     if self.use_linear_projection:
-      y = L.Dense(self.channels, ("embed", "heads"), name="proj_in", **kw)(y.reshape(b, h * w, c))
+      y = y.reshape(b, h * w, c)
+      y = layers.Dense(self.channels, ("embed", "heads"), name="proj_in", **kw)(y)
     else:
-      y = L.Conv(self.channels, 1, padding=0, name="proj_in", **kw)(y)
+      y = layers.Conv(self.channels, 1, padding=0, name="proj_in", **kw)(y)
       y = y.reshape(b, h * w, self.channels)
     block_cls = BasicTransformerBlock
     if self.remat:
@@ -254,18 +255,18 @@ class Transformer2D(nn.Module):
         **kw,
       )(y, context, deterministic)
     if self.use_linear_projection:
-      y = L.Dense(self.channels, ("heads", "embed"), name="proj_out", **kw)(y).reshape(
+      y = layers.Dense(self.channels, ("heads", "embed"), name="proj_out", **kw)(y).reshape(
         b, h, w, self.channels
       )
     else:
-      y = L.Conv(self.channels, 1, padding=0, name="proj_out", **kw)(
+      y = layers.Conv(self.channels, 1, padding=0, name="proj_out", **kw)(
         y.reshape(b, h, w, self.channels)
       )
     return y + x.astype(y.dtype)
 
 
 def _resnet(cfg: UNetConfig, out_channels: int, name: str):
-  cls = L.ResnetBlock2D
+  cls = layers.ResnetBlock2D
   if cfg.remat:
     cls = nn.remat(cls, static_argnums=(3,))
   return cls(
@@ -280,11 +281,11 @@ def _resnet(cfg: UNetConfig, out_channels: int, name: str):
   )
 
 
-def _transformer(cfg: UNetConfig, channels: int, heads: int, layers: int, name: str):
+def _transformer(cfg: UNetConfig, channels: int, heads: int, num_layers: int, name: str):
   return Transformer2D(
     channels,
     heads,
-    layers,
+    num_layers,
     cfg.norm_num_groups,
     cfg.use_linear_projection,
     cfg.dropout,
@@ -325,7 +326,7 @@ class DownBlock(nn.Module):
       h = _constrain(h)
       skips.append(h)
     if i < len(cfg.block_out_channels) - 1:
-      h = L.Downsample2D(
+      h = layers.Downsample2D(
         ch, padding=1, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, name="downsamplers_0"
       )(h)
       h = _constrain(h)
@@ -377,7 +378,7 @@ class UpBlock(nn.Module):
         )(h, context, deterministic)
       h = _constrain(h)
     if i < n - 1:
-      h = L.Upsample2D(
+      h = layers.Upsample2D(
         ch, dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, name="upsamplers_0"
       )(h, upsample_size)
       h = _constrain(h)
@@ -419,13 +420,13 @@ class UNet2DConditionModel(nn.Module):
     context = encoder_hidden_states.astype(cfg.compute_dtype)
 
     # 1. time: sinusoidal embedding (float32) -> MLP
-    t_emb = L.timestep_embedding(timesteps, channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-    temb = L.TimestepEmbedding(channels[0] * 4, name="time_embedding", **kw)(
+    t_emb = layers.timestep_embedding(timesteps, channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+    temb = layers.TimestepEmbedding(channels[0] * 4, name="time_embedding", **kw)(
       t_emb.astype(cfg.compute_dtype)
     )
 
     # 2. conv_in
-    h = L.Conv(channels[0], 3, padding=1, name="conv_in", **kw)(
+    h = layers.Conv(channels[0], 3, padding=1, name="conv_in", **kw)(
       _constrain(sample.astype(cfg.compute_dtype))
     )
     skips = [h]
@@ -447,9 +448,9 @@ class UNet2DConditionModel(nn.Module):
       h = UpBlock(cfg, i, name=f"up_blocks_{i}")(h, res, temb, context, size, deterministic)
 
     # 6. out
-    h = L.GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(h)
+    h = layers.GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(h)
     h = nn.silu(h)
-    h = L.Conv(cfg.out_channels, 3, padding=1, name="conv_out", **kw)(h)
+    h = layers.Conv(cfg.out_channels, 3, padding=1, name="conv_out", **kw)(h)
     return _constrain(h.astype(jnp.float32))
 
 
