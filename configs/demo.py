@@ -1,6 +1,6 @@
 """The README's main job on the locally built demo dataset.
 
-    python -m launch.main --workdir DIR [--config configs/demo.py]
+    python -m launch.main --workdir DIR [--config configs/demo.py] [--config.demo.num=48]
 
 Fields: ``demo`` (how the dataset is built), ``data`` (what the grain loader reads:
 see data_pipelines/loaders.py), ``mesh`` (axis sizes, -1 fills in), ``t2i`` (the
@@ -9,24 +9,18 @@ text-to-image stage, run only when ``t2i.model`` names SD-1.x weights).
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
   del arg
   c = ml_collections.ConfigDict()
   c.demo = dict(num=240, seed=0, image_size=256, shard_size=64)
-  c.data = dict(
-    path="",  # set to <workdir>/data by launch.main
-    global_batch_size=8,
-    image_size=128,
-    id_fields=["id_dlib"],  # the identity compound: the real offline recogniser
-    id_dims=[128],
-    exp_field="exp_fer",
-    exp_dim=7,
-    mask_field="mask",
-    seed=0,
-    num_workers=0,
-  )
-  c.mesh = dict(data=-1, fsdp=1)
+  # data.path is set to <workdir>/data by launch.main; the identity compound is the
+  # real offline recogniser (dlib), the expression the real fer CNN.
+  c.data = common.data()
+  c.mesh = common.mesh()
+  c.logging = common.logging()
   c.num_batches = 3
   c.t2i = dict(
     model="",

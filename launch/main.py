@@ -1,6 +1,6 @@
 """The main job: everything facediff can run end to end today.
 
-    python -m launch.main --workdir DIR [--config configs/demo.py] [--t2i-model SD_DIR]
+    python -m launch.main --workdir DIR [--config configs/demo.py] [--t2i_model SD_DIR]
 
 1. Builds the demo dataset locally (real face photos shipped inside installed
    packages, seeded augmentations) and exports it with the real offline encoders
@@ -8,7 +8,7 @@
 2. Reads it back with the grain loader: DiffSFSR self-reconstruction batches placed
    on a (data, fsdp) mesh over every local device, and one batch of SFSR evaluation
    triplets (background, identity and expression from three different images).
-3. With SD-1.x weights (``--t2i-model``: a diffusers folder or a CompVis single
+3. With SD-1.x weights (``--t2i_model``: a diffusers folder or a CompVis single
    file), generates backgrounds from text prompts with PNDM and guidance.
 
 Writes ``DIR/summary.json``. Re-running resumes the export.
@@ -16,16 +16,14 @@ Writes ``DIR/summary.json``. Re-running resumes the export.
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
-import logging
 import os
-import sys
 import time
 from typing import Sequence
 
 import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 
 def _mesh(axes: dict):
@@ -84,6 +82,7 @@ def run(config, workdir: str, t2i_model: str = "") -> dict:
   model = t2i_model or config.t2i.model
   if model:
     import jax
+
     from facediff.convert.pipeline import load_models
     from facediff.pipelines.text_to_image import TextToImage, save_png
 
@@ -99,33 +98,34 @@ def run(config, workdir: str, t2i_model: str = "") -> dict:
     )
     summary["backgrounds"] = save_png(images, os.path.join(workdir, "backgrounds"))
   else:
-    summary["backgrounds"] = "skipped: pass --t2i-model with SD-1.x weights to generate backgrounds"
+    summary["backgrounds"] = "skipped: pass --t2i_model with SD-1.x weights to generate backgrounds"
 
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
   return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--workdir", required=True)
-  ap.add_argument(
-    "--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "demo.py")
-  )
-  ap.add_argument("--t2i-model", default="")
-  args = ap.parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-  spec = importlib.util.spec_from_file_location("facediff_config", args.config)
-  if spec is None or spec.loader is None:
-    raise SystemExit(f"--config: cannot load {args.config}")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  os.makedirs(args.workdir, exist_ok=True)
-  summary = run(mod.get_config(), args.workdir, args.t2i_model)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config",
+  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py"),
+  "Experiment config file (``path.py`` or ``path.py:variant``); fields are overridable "
+  "with --config.<field>=<value>.",
+  lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (dataset, summary).", required=True)
+_T2I_MODEL = flags.DEFINE_string(
+  "t2i_model", "", "SD-1.x weights (diffusers folder or .ckpt/.safetensors) for backgrounds."
+)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  summary = run(_CONFIG.value, _WORKDIR.value, _T2I_MODEL.value)
   for key, value in summary.items():
     print(f"{key}: {json.dumps(value)}")
-  return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(main)
