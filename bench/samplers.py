@@ -134,7 +134,8 @@ def main():
 
   print(
     f"denoiser: 3 convs, width {W}, batch {args.batch}, {args.size}x{args.size}x{C}; "
-    f"{jax.device_count()} {jax.devices()[0].platform} device(s), torch threads {torch.get_num_threads()}"
+    f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
+    f"torch threads {torch.get_num_threads()}"
   )
   print(f"PNDM {n} steps ({calls} denoiser calls) compiled trajectory: {t_traj * 1e3:9.2f} ms")
   print(f"{n} separately dispatched denoiser calls:                 {t_calls * 1e3:9.2f} ms")

@@ -77,8 +77,8 @@ def main():
   jax.config.update("jax_default_matmul_precision", "highest")
   import torch
 
-  from facediff.convert import unet as cu
-  from facediff.models import unet as U
+  from facediff.convert import unet as unet_convert
+  from facediff.models import unet as unet_model
 
   if args.threads:
     torch.set_num_threads(args.threads)
@@ -95,11 +95,12 @@ def main():
     sample_size=args.size, cross_attention_dim=768, attention_head_dim=8
   ).eval()
   n_torch = sum(p.numel() for p in tm.parameters())
-  config = cu.config_from_diffusers(dict(tm.config), dtype=args.dtype)
+  config = unet_convert.config_from_diffusers(dict(tm.config), dtype=args.dtype)
   state = {k: v.numpy() for k, v in tm.state_dict().items()}
-  params = jax.device_put(cu.convert_unet_state_dict(state, config, "diffusers SD-1.4 (random)"))
+  params = unet_convert.convert_unet_state_dict(state, config, "diffusers SD-1.4 (random)")
+  params = jax.device_put(params)
   del state
-  print(f"UNet parameters: diffusers {n_torch:,}, facediff {U.count_params(params):,}")
+  print(f"UNet parameters: diffusers {n_torch:,}, facediff {unet_model.count_params(params):,}")
 
   rng = np.random.default_rng(0)
   b, s, L = args.batch, args.size, args.context_len
@@ -107,7 +108,8 @@ def main():
   ctx = rng.standard_normal((b, L, 768)).astype(np.float32)
   t = np.full((b,), 500, np.int64)
 
-  fwd = jax.jit(lambda p, x, tt, c: U.UNet2DConditionModel(config).apply({"params": p}, x, tt, c))
+  model = unet_model.UNet2DConditionModel(config)
+  fwd = jax.jit(lambda p, x, tt, c: model.apply({"params": p}, x, tt, c))
   x_nhwc = jnp.asarray(x_nchw.transpose(0, 2, 3, 1))
   tj, cj = jnp.asarray(t, jnp.int32), jnp.asarray(ctx)
   t0 = time.perf_counter()
@@ -117,7 +119,7 @@ def main():
   # with the unblocked attention (the blocked CPU attention runs in lax.map loops).
   flat_cfg = config.replace(attention_impl="xla")
   fwd_flat = jax.jit(
-    lambda p, x, tt, c: U.UNet2DConditionModel(flat_cfg).apply({"params": p}, x, tt, c)
+    lambda p, x, tt, c: unet_model.UNet2DConditionModel(flat_cfg).apply({"params": p}, x, tt, c)
   )
   cost = fwd_flat.lower(params, x_nhwc, tj, cj).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):

@@ -54,9 +54,9 @@ def _insightface_image(name: str) -> np.ndarray:
 def _cut(image: np.ndarray, rect, margin: float = 1.0) -> np.ndarray:
   """Square window around a detector box, ``margin`` box widths on each side,
   edge-padded where it leaves the image."""
-  l, t, r, b = rect
-  side = max(r - l, b - t)
-  cx, cy = (l + r) / 2, (t + b) / 2
+  left, top, right, bottom = rect
+  side = max(right - left, bottom - top)
+  cx, cy = (left + right) / 2, (top + bottom) / 2
   half = int(round(side * (0.5 + margin)))
   x0, y0 = int(round(cx)) - half, int(round(cy)) - half
   pad = max(0, -x0, -y0, x0 + 2 * half - image.shape[1], y0 + 2 * half - image.shape[0])

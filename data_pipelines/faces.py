@@ -110,7 +110,7 @@ class FaceDetector:
     image = _as_rgb(image)
     if self.method == "hog":
       rects, scores, _ = self._det.run(image, self.upsample, 0.0)
-      out = [Detection(_rect(r), float(s)) for r, s in zip(rects, scores)]
+      out = [Detection(_rect(r), float(s)) for r, s in zip(rects, scores, strict=True)]
     else:
       out = [Detection(_rect(d.rect), float(d.confidence)) for d in self._det(image, self.upsample)]
     return sorted(out, key=lambda d: -d.score)
@@ -273,17 +273,17 @@ class FaceAligner:
       m = similarity_transform(five_points(lm), ARCFACE_TEMPLATE_112)
       return Crop(warp(image, m, 112), m, apply_affine(m, lm))
     if kind == "facenet160":
-      l, t, r, b = det.rect
-      side = max(r - l, b - t)
+      left, top, right, bottom = det.rect
+      side = max(right - left, bottom - top)
       side = side * (1.0 + self.facenet_margin / (160.0 - self.facenet_margin))
-      m = square_box_transform(((l + r) / 2.0, (t + b) / 2.0), side, 160)
+      m = square_box_transform(((left + right) / 2.0, (top + bottom) / 2.0), side, 160)
       return Crop(warp(image, m, 160, "replicate"), m, apply_affine(m, lm))
     if kind == "fer64":
       import cv2
 
-      l, t, r, b = det.rect
-      side = max(r - l, b - t) * (1.0 + 2.0 * self.fer_offset)
-      m = square_box_transform(((l + r) / 2.0, (t + b) / 2.0), side, 64)
+      left, top, right, bottom = det.rect
+      side = max(right - left, bottom - top) * (1.0 + 2.0 * self.fer_offset)
+      m = square_box_transform(((left + right) / 2.0, (top + bottom) / 2.0), side, 64)
       grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
       return Crop(warp(grey, m, 64, "replicate"), m, apply_affine(m, lm))
     if kind == "image":

@@ -4,10 +4,9 @@ shared by test_checkpoints.py and test_text_to_image.py."""
 import json
 import os
 
+import diffusers
 import numpy as np
 import torch
-
-import diffusers
 import transformers
 
 WORDS = ("a", "photo", "of", "cat", "dog", "face", "smiling", "old", "man")

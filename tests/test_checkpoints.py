@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import shutil
 
 import jax
@@ -13,19 +14,19 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
+import _tiny_sd as tiny_sd  # noqa: E402
+
 from facediff.convert import common, compvis  # noqa: E402
-from facediff.convert import pipeline as sdio  # noqa: E402
+from facediff.convert import pipeline as diffusers_io  # noqa: E402
 from facediff.models import clip as clip_lib  # noqa: E402
 from facediff.models import unet as unet_lib  # noqa: E402
 from facediff.models import vae as vae_lib  # noqa: E402
-
-import _tiny_sd as T  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
   root = tmp_path_factory.mktemp("sd")
-  pipe = T.make_tiny_sd_folder(root / "sd")
+  pipe = tiny_sd.make_tiny_sd_folder(root / "sd")
   return root / "sd", pipe
 
 
@@ -51,19 +52,20 @@ def _check_outputs(models, pipe, seed=0):
   x = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
   t = np.array([10, 700], np.int32)
   with torch.no_grad():
-    ref = pipe.unet(T.nchw(x), torch.from_numpy(t.astype(np.int64)), t_out.last_hidden_state).sample
+    t_torch = torch.from_numpy(t.astype(np.int64))
+    ref = pipe.unet(tiny_sd.nchw(x), t_torch, t_out.last_hidden_state).sample
   eps = jax.jit(lambda p, x, t, c: unet_lib.apply_unet(models.unet_config, p, x, t, c))(
     models.params["unet"], jnp.asarray(x), jnp.asarray(t), hidden
   )
-  np.testing.assert_allclose(eps, T.nhwc(ref), atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(eps, tiny_sd.nhwc(ref), atol=1e-4, rtol=1e-4)
   # vae decode
   vae = vae_lib.AutoencoderKL(models.vae_config)
   with torch.no_grad():
-    img = pipe.vae.decode(T.nchw(x)).sample
+    img = pipe.vae.decode(tiny_sd.nchw(x)).sample
   ours = jax.jit(lambda p, z: vae.apply({"params": p}, z, method=vae.decode))(
     models.params["vae"], jnp.asarray(x)
   )
-  np.testing.assert_allclose(ours, T.nhwc(img), atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(ours, tiny_sd.nhwc(img), atol=1e-4, rtol=1e-4)
 
 
 def _assert_same_params(a, b):
@@ -78,7 +80,7 @@ def _assert_same_params(a, b):
 
 def test_load_diffusers_folder_matches_torch(tiny):
   folder, pipe = tiny
-  models = sdio.load_pretrained(folder)
+  models = diffusers_io.load_pretrained(folder)
   assert models.vae_config.block_out_channels == (32, 64)
   assert models.text_config.hidden_size == 32 and models.text_config.eos_token_id == 2
   assert models.unet_config.cross_attention_dim == 32
@@ -102,20 +104,20 @@ def test_load_bin_folder(tmp_path, tiny):
   assert "diffusion_pytorch_model.bin" in files and not any(
     f.endswith(".safetensors") for f in files
   )
-  models = sdio.load_pretrained(tmp_path / "bin")
-  _assert_same_params(models.params, sdio.load_pretrained(tiny[0]).params)
+  models = diffusers_io.load_pretrained(tmp_path / "bin")
+  _assert_same_params(models.params, diffusers_io.load_pretrained(tiny[0]).params)
 
 
 def test_export_roundtrip_from_pretrained(tmp_path, tiny):
   folder, pipe = tiny
-  models = sdio.load_pretrained(folder)
-  out = sdio.save_pretrained(models, tmp_path / "export")
+  models = diffusers_io.load_pretrained(folder)
+  out = diffusers_io.save_pretrained(models, tmp_path / "export")
   again = diffusers.StableDiffusionPipeline.from_pretrained(
     out, safety_checker=None, feature_extractor=None, requires_safety_checker=False
   )
   for name in ("unet", "vae", "text_encoder"):
-    ref = T.state_dict_np(getattr(pipe, name))
-    got = T.state_dict_np(getattr(again, name))
+    ref = tiny_sd.state_dict_np(getattr(pipe, name))
+    got = tiny_sd.state_dict_np(getattr(again, name))
     ref.pop("text_model.embeddings.position_ids", None)
     got.pop("text_model.embeddings.position_ids", None)
     assert ref.keys() == got.keys(), name
@@ -126,7 +128,7 @@ def test_export_roundtrip_from_pretrained(tmp_path, tiny):
   )
   assert dict(again.scheduler.config)["steps_offset"] == 1
   # and facediff reads its own export back identically
-  _assert_same_params(sdio.load_pretrained(out).params, models.params)
+  _assert_same_params(diffusers_io.load_pretrained(out).params, models.params)
 
 
 def test_missing_component_and_bad_weights_are_named(tmp_path, tiny):
@@ -140,7 +142,7 @@ def test_missing_component_and_bad_weights_are_named(tmp_path, tiny):
   sd["decoder.conv_extra.weight"] = np.zeros((3, 3, 3, 3), np.float32)
   common.write_safetensors(sd, path)
   with pytest.raises(common.StateDictMismatchError) as e:
-    sdio.load_pretrained(bad)
+    diffusers_io.load_pretrained(bad)
   msg = str(e.value)
   assert str(path) in msg and "decoder/conv_out/bias" in msg and "decoder/conv_extra/kernel" in msg
   # a corrupt text encoder file
@@ -148,11 +150,11 @@ def test_missing_component_and_bad_weights_are_named(tmp_path, tiny):
   te.write_bytes(b"not a safetensors file at all")
   shutil.copy(folder / "vae" / "diffusion_pytorch_model.safetensors", path)
   with pytest.raises(ValueError, match="model.safetensors"):
-    sdio.load_pretrained(bad)
+    diffusers_io.load_pretrained(bad)
   # a missing component folder
   shutil.rmtree(bad / "text_encoder")
   with pytest.raises(FileNotFoundError, match="text_encoder"):
-    sdio.load_pretrained(bad)
+    diffusers_io.load_pretrained(bad)
   # weights of the wrong shape for the config
   with open(folder / "vae" / "config.json") as f:
     cfg = json.load(f)
@@ -161,7 +163,7 @@ def test_missing_component_and_bad_weights_are_named(tmp_path, tiny):
   with open(tmp_path / "vae8" / "config.json", "w") as f:
     json.dump(cfg, f)
   with pytest.raises(common.StateDictMismatchError, match="mis-shaped") as e:
-    sdio.load_vae(str(tmp_path / "vae8"))
+    diffusers_io.load_vae(str(tmp_path / "vae8"))
   assert "quant_conv/kernel" in str(e.value)
 
 
@@ -263,12 +265,12 @@ def _to_compvis(sd, blocks, inner_for):
 def compvis_state_dict(pipe, ema_unet=None):
   """The tiny pipeline's weights under CompVis names, plus the extras real files carry."""
   unet = _to_compvis(
-    T.state_dict_np(pipe.unet),
+    tiny_sd.state_dict_np(pipe.unet),
     UNET_BLOCKS,
     lambda p: UNET_RESNET_INNER if ".resnets." in p else None,
   )
   vae = _to_compvis(
-    T.state_dict_np(pipe.vae),
+    tiny_sd.state_dict_np(pipe.vae),
     VAE_BLOCKS,
     lambda p: (
       VAE_RESNET_INNER if ".resnets." in p else (VAE_ATTN_INNER if ".attentions." in p else None)
@@ -279,7 +281,7 @@ def compvis_state_dict(pipe, ema_unet=None):
       vae[k] = vae[k][:, :, None, None]
   sd = {"model.diffusion_model." + k: v for k, v in unet.items()}
   sd.update({"first_stage_model." + k: v for k, v in vae.items()})
-  text = T.state_dict_np(pipe.text_encoder)
+  text = tiny_sd.state_dict_np(pipe.text_encoder)
   sd.update({"cond_stage_model.transformer.text_model." + k: v for k, v in text.items()})
   sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = np.arange(77)[
     None
@@ -290,7 +292,7 @@ def compvis_state_dict(pipe, ema_unet=None):
   sd["model_ema.num_updates"] = np.array(10, np.int64)
   if ema_unet is not None:
     for k, v in _to_compvis(
-      T.state_dict_np(ema_unet),
+      tiny_sd.state_dict_np(ema_unet),
       UNET_BLOCKS,
       lambda p: UNET_RESNET_INNER if ".resnets." in p else None,
     ).items():
@@ -299,7 +301,7 @@ def compvis_state_dict(pipe, ema_unet=None):
 
 
 def _tiny_configs(folder):
-  m = sdio.load_pretrained(folder)
+  m = diffusers_io.load_pretrained(folder)
   return m, dict(unet_config=m.unet_config, vae_config=m.vae_config, text_config=m.text_config)
 
 
@@ -316,7 +318,7 @@ def test_compvis_safetensors_and_ckpt_load(tmp_path, tiny):
     tmp_path / "sd.ckpt",
   )
   for name in ("sd.safetensors", "sd.ckpt"):
-    models = sdio.load_models(tmp_path / name, tokenizer_path=folder / "tokenizer", **cfgs)
+    models = diffusers_io.load_models(tmp_path / name, tokenizer_path=folder / "tokenizer", **cfgs)
     _assert_same_params(models.params, ref.params)
   _check_outputs(models, pipe)
 
@@ -325,13 +327,14 @@ def test_compvis_ema_weights(tmp_path, tiny):
   folder, pipe = tiny
   ref, cfgs = _tiny_configs(folder)
   torch.manual_seed(123)
-  ema = diffusers.UNet2DConditionModel(**T.UNET_KW).eval()
+  ema = diffusers.UNet2DConditionModel(**tiny_sd.UNET_KW).eval()
   sd = compvis_state_dict(pipe, ema_unet=ema)
   params = compvis.compvis_to_params(sd, use_ema=True, **cfgs)
   from facediff.convert import unet as unet_convert
 
   _assert_same_params(
-    params["unet"], unet_convert.convert_unet_state_dict(T.state_dict_np(ema), cfgs["unet_config"])
+    params["unet"],
+    unet_convert.convert_unet_state_dict(tiny_sd.state_dict_np(ema), cfgs["unet_config"]),
   )
   _assert_same_params(params["vae"], ref.params["vae"])
   with pytest.raises(common.StateDictMismatchError, match="EMA"):
@@ -437,7 +440,7 @@ def test_compvis_training_ckpt_with_foreign_objects(tmp_path, tiny):
     },
     tmp_path / "train.ckpt",
   )
-  with pytest.raises(Exception):
+  with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
     torch.load(tmp_path / "train.ckpt", weights_only=True)
   models = compvis.load_compvis_checkpoint(tmp_path / "train.ckpt", **cfgs)
   assert not marker.exists()

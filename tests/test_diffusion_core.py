@@ -1,11 +1,10 @@
 """x0 estimators against the paper's equations written out step by step; properties of
 the samplers (determinism, single compiled program); argument validation."""
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from facediff.diffusion import (
   estimate_x0,
@@ -17,8 +16,8 @@ from facediff.diffusion import (
   posterior_mean,
   q_sample,
   sample,
+  schedules,
 )
-from facediff.diffusion import schedules as S
 
 T = 1000
 
@@ -39,7 +38,7 @@ def np_eps(x, t):
 
 
 def jax_eps(x, t, cond=None):
-  return 0.6 * jnp.tanh(0.8 * x) + 0.05 * x + 1e-4 * S.expand_to(t, x)
+  return 0.6 * jnp.tanh(0.8 * x) + 0.05 * x + 1e-4 * schedules.expand_to(t, x)
 
 
 def abar_of(abar, s):
@@ -80,9 +79,8 @@ def test_improved_midpoint_closed_form_equals_step_by_step_chain(name):
   sched = make_schedule(name)
   rng = np.random.default_rng(0)
   z_t = rng.standard_normal((len(TS), 4, 3, 3))
-  want_z1, want = zip(
-    *[improved_midpoint_reference(z_t[i], int(t), betas, abar) for i, t in enumerate(TS)]
-  )
+  refs = [improved_midpoint_reference(z_t[i], int(t), betas, abar) for i, t in enumerate(TS)]
+  want_z1, want = zip(*refs, strict=True)
   got = jax.jit(lambda z, t: improved_midpoint_x0(jax_eps, sched, z, t))(
     jnp.asarray(z_t, jnp.float32), jnp.asarray(TS)
   )
@@ -145,7 +143,7 @@ def test_estimators_call_counts_and_finite_gradients(name):
 
   def eps_fn(params, z, t, cond):
     calls.append(t)
-    h = jnp.tanh(z @ params["w"] + params["b"]) + 0.01 * S.expand_to(t, z)
+    h = jnp.tanh(z @ params["w"] + params["b"]) + 0.01 * schedules.expand_to(t, z)
     return h @ params["w"].T
 
   params = {"w": jnp.eye(6) * 0.5 + 0.01, "b": jnp.zeros(6)}

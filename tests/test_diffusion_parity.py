@@ -11,12 +11,11 @@ scheduler is handed the same float32 alpha_bar table (``_same_tables``), and the
 trajectory tests compare the sampling logic itself.
 """
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
-import jax
-import jax.numpy as jnp
 from diffusers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 from diffusers.schedulers import scheduling_ddpm
 
@@ -121,7 +120,7 @@ def test_ddpm_trajectory_matches_diffusers(name, n, offset, clip, monkeypatch):
   monkeypatch.setattr(scheduling_ddpm, "randn_tensor", fake_randn)
   x = torch.from_numpy(_x_T())
   want = []
-  for i, t in zip(it, ref.timesteps):
+  for i, t in zip(it, ref.timesteps, strict=True):
     idx["i"] = i
     x = ref.step(fake_eps_torch(x, t), t, x).prev_sample
     want.append(x.numpy().copy())

@@ -38,9 +38,9 @@ def t1_faces():
   al = faces.FaceAligner(crops=faces.CROP_KINDS, image_size=128, detector=det)
   out = []
   for d in det(img):
-    l, t, r, b = d.rect
-    m = r - l
-    crop = img[max(0, t - m) : b + m, max(0, l - m) : r + m]
+    left, top, right, bottom = d.rect
+    m = right - left
+    crop = img[max(0, top - m) : bottom + m, max(0, left - m) : right + m]
     res = al(crop)
     assert res.num_faces == 1
     out.append(res)

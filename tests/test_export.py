@@ -27,9 +27,10 @@ def input_folder(tmp_path_factory):
   d = tmp_path_factory.mktemp("faces_in")
   img = np.array(Image.open(os.path.join(IMAGES, "t1.jpg")).convert("RGB"))
   for i, det in enumerate(faces.FaceDetector()(img)):
-    l, t, r, b = det.rect
-    m = r - l
-    Image.fromarray(img[max(0, t - m) : b + m, max(0, l - m) : r + m]).save(d / f"face{i}.png")
+    left, top, right, bottom = det.rect
+    m = right - left
+    crop = img[max(0, top - m) : bottom + m, max(0, left - m) : right + m]
+    Image.fromarray(crop).save(d / f"face{i}.png")
   (d / "sub").mkdir()
   shutil.copy(os.path.join(IMAGES, "Tom_Hanks_54745.png"), d / "sub" / "tom.png")
   Image.fromarray(img).save(d / "group.jpg")

@@ -1,7 +1,7 @@
 """Face detection/alignment on real photos shipped in packages, and the masks."""
 
-import os
 import importlib.util
+import os
 
 import numpy as np
 import pytest
@@ -99,7 +99,7 @@ def test_crops_shapes_and_landmarks_follow(hanks):
   inv = np.linalg.inv(np.vstack([c.matrix, [0, 0, 1]]))[:2]
   yx = np.array([[80, 80], [40, 100]])
   src = faces.apply_affine(inv, yx[:, ::-1]).round().astype(int)
-  for (y, x), (sx, sy) in zip(yx, src):
+  for (y, x), (sx, sy) in zip(yx, src, strict=True):
     assert np.abs(c.image[y, x].astype(int) - img[sy, sx].astype(int)).max() < 40
 
 

@@ -48,7 +48,7 @@ def take(it, n):
 
 def assert_batches_equal(xs, ys):
   assert len(xs) == len(ys)
-  for x, y in zip(xs, ys):
+  for x, y in zip(xs, ys, strict=True):
     jax.tree.map(np.testing.assert_array_equal, x, y)
 
 

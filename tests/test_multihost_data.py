@@ -94,7 +94,7 @@ def test_two_hosts_read_disjoint_covering_shards(tmp_path):
     for p in procs:
       if p.poll() is None:
         p.kill()
-  for p, log in zip(procs, logs):
+  for p, log in zip(procs, logs, strict=True):
     assert p.returncode == 0, log[-3000:]
   res = [json.load(open(o)) for o in outs]
   assert [r["process_index"] for r in res] == [0, 1]

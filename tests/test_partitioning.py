@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from facediff import partitioning as part
+from facediff import partitioning
 from facediff.convert import common
-from facediff.models import unet as U
+from facediff.models import unet as unet_model
 
 # One resolution level keeps compile times small; it still has every layer kind
 # (convs, GroupNorm/LayerNorm, self/cross attention, GEGLU, time MLP).
-CONFIG = U.UNetConfig.tiny(
+CONFIG = unet_model.UNetConfig.tiny(
   in_channels=9,
   sample_size=8,
   block_out_channels=(32,),
@@ -26,20 +26,20 @@ CONFIG = U.UNetConfig.tiny(
 
 def test_make_mesh_fills_in():
   assert len(jax.devices()) == 8
-  mesh = part.make_mesh({"data": 2, "fsdp": -1})
+  mesh = partitioning.make_mesh({"data": 2, "fsdp": -1})
   assert dict(mesh.shape) == {"data": 2, "fsdp": 4}
-  assert dict(part.make_mesh({"data": -1, "fsdp": 1}).shape) == {"data": 8, "fsdp": 1}
+  assert dict(partitioning.make_mesh({"data": -1, "fsdp": 1}).shape) == {"data": 8, "fsdp": 1}
   with pytest.raises(ValueError, match="at most one"):
-    part.make_mesh({"data": -1, "fsdp": -1})
+    partitioning.make_mesh({"data": -1, "fsdp": -1})
   with pytest.raises(ValueError, match="not divisible"):
-    part.make_mesh({"data": 3, "fsdp": -1})
+    partitioning.make_mesh({"data": 3, "fsdp": -1})
   with pytest.raises(ValueError, match="needs 6 devices"):
-    part.make_mesh({"data": 2, "fsdp": 3})
+    partitioning.make_mesh({"data": 2, "fsdp": 3})
 
 
 def test_rules_priority_and_divisibility():
-  mesh = part.make_mesh({"data": 2, "fsdp": 4})
-  spec = functools.partial(part.logical_to_mesh_spec, mesh=mesh)
+  mesh = partitioning.make_mesh({"data": 2, "fsdp": 4})
+  spec = functools.partial(partitioning.logical_to_mesh_spec, mesh=mesh)
   assert spec(("embed", "mlp"), (320, 2560)) == P(None, "fsdp")  # mlp outranks embed
   assert spec(("mlp", "embed"), (1280, 320)) == P("fsdp", None)
   assert spec(("cross_embed", "heads"), (768, 320)) == P(None, "fsdp")
@@ -47,8 +47,8 @@ def test_rules_priority_and_divisibility():
     None, None, None, "fsdp"
   )
   # 4 output channels do not split 8 ways: the input channels take the fsdp axis instead
-  mesh8 = part.make_mesh({"data": 1, "fsdp": 8})
-  assert part.logical_to_mesh_spec(
+  mesh8 = partitioning.make_mesh({"data": 1, "fsdp": 8})
+  assert partitioning.logical_to_mesh_spec(
     ("conv_h", "conv_w", "conv_in", "conv_out"), (3, 3, 320, 4), mesh8
   ) == P(None, None, "fsdp", None)
   assert spec(("norm",), (320,)) == P(None)
@@ -65,14 +65,14 @@ def _expected_spec(names, shape, fsdp=4):
 
 
 def _init(k):
-  return U.init_params(CONFIG, k, context_len=5)
+  return unet_model.init_params(CONFIG, k, context_len=5)
 
 
 @pytest.fixture(scope="module")
 def setup():
-  mesh = part.make_mesh({"data": 2, "fsdp": 4})
+  mesh = partitioning.make_mesh({"data": 2, "fsdp": 4})
   key = jax.random.key(42)
-  sharded = part.init_sharded(_init, key, mesh)
+  sharded = partitioning.init_sharded(_init, key, mesh)
   unsharded = jax.jit(lambda k: nn.unbox(_init(k)))(key)
   return mesh, key, sharded, unsharded
 
@@ -85,7 +85,7 @@ def test_sharded_init_follows_rules_and_equals_unsharded(setup):
   flat_u = jax.tree.leaves(unsharded)
   assert len(boxes) == len(flat_s) == len(flat_u)
   n_sharded = 0
-  for box, s, u in zip(boxes, flat_s, flat_u):
+  for box, s, u in zip(boxes, flat_s, flat_u, strict=True):
     want = _expected_spec(box.names, box.value.shape)
     got = s.sharding.spec
     assert tuple(got) + (None,) * (len(want) - len(got)) == tuple(want), (box.names, got)
@@ -113,16 +113,16 @@ def test_sharded_apply_equals_unsharded(setup):
   x = jax.random.normal(k1, (8, 8, 8, CONFIG.in_channels))
   ctx = jax.random.normal(k2, (8, 5, CONFIG.cross_attention_dim))
   t = jnp.arange(8, dtype=jnp.int32) * 100
-  apply = jax.jit(functools.partial(U.apply_unet, CONFIG))
+  apply = jax.jit(functools.partial(unet_model.apply_unet, CONFIG))
   ref = apply(host_params, x, t, ctx)
 
-  xs = jax.device_put(x, part.batch_sharding(mesh, 4))
-  cs = jax.device_put(ctx, part.batch_sharding(mesh, 3))
-  ts = jax.device_put(t, part.batch_sharding(mesh, 1))
-  with part.activation_rules(mesh):
+  xs = jax.device_put(x, partitioning.batch_sharding(mesh, 4))
+  cs = jax.device_put(ctx, partitioning.batch_sharding(mesh, 3))
+  ts = jax.device_put(t, partitioning.batch_sharding(mesh, 1))
+  with partitioning.activation_rules(mesh):
     out = apply(params, xs, ts, cs)
     # converted host params placed with shard_params: same shardings, same result
-    placed = part.shard_params(host_params, jax.eval_shape(_init, key), mesh)
+    placed = partitioning.shard_params(host_params, jax.eval_shape(_init, key), mesh)
     out2 = apply(placed, xs, ts, cs)
   assert out.sharding.spec[0] == ("data", "fsdp")
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data_pipelines import tfds as fd
+from data_pipelines import tfds as facediff_tfds
 from data_pipelines.tfds import celeba, mead
 
 
@@ -80,10 +80,10 @@ def test_celeba_hq(tmp_path):
   manual = tmp_path / "manual"
   for i in train_ids + test_ids:
     write_image(str(manual / "CelebA-HQ-img" / f"{i}.jpg"), flat(i))
-  with pytest.raises(fd.LayoutError, match="5 of 30000 images"):
-    fd.prepare("facediff_celeba_hq", manual, tmp_path / "data0")
-  cfg = fd.CelebAConfig(name="partial", require_complete=False)
-  src = fd.prepare("facediff_celeba_hq", manual, tmp_path / "data", cfg)
+  with pytest.raises(facediff_tfds.LayoutError, match="5 of 30000 images"):
+    facediff_tfds.prepare("facediff_celeba_hq", manual, tmp_path / "data0")
+  cfg = facediff_tfds.CelebAConfig(name="partial", require_complete=False)
+  src = facediff_tfds.prepare("facediff_celeba_hq", manual, tmp_path / "data", cfg)
   assert len(src["train"]) == 3 and len(src["test"]) == 2
   for split, ids in (("train", train_ids), ("test", test_ids)):
     exs = read_all(src[split])
@@ -94,8 +94,8 @@ def test_celeba_hq(tmp_path):
   again = tfds.data_source("facediff_celeba_hq/partial", data_dir=str(tmp_path / "data"))
   assert len(again["test"]) == 2
 
-  small = fd.CelebAConfig(name="small", require_complete=False, image_size=4)
-  src = fd.prepare("facediff_celeba_hq", manual, tmp_path / "data", small)
+  small = facediff_tfds.CelebAConfig(name="small", require_complete=False, image_size=4)
+  src = facediff_tfds.prepare("facediff_celeba_hq", manual, tmp_path / "data", small)
   e = src["train"][0]
   assert e["image"].shape == (4, 4, 3) and close_colour(e["image"], e["image_id"], 4)
 
@@ -117,8 +117,8 @@ def test_celebamask_hq_face_mask(tmp_path):
       p = manual / "CelebAMask-HQ-mask-anno" / str(i // 2000) / f"{i:05d}_{part}.png"
       os.makedirs(p.parent, exist_ok=True)
       cv2.imwrite(str(p), m)
-  cfg = fd.CelebAConfig(name="partial", require_complete=False)
-  src = fd.prepare("facediff_celebamask_hq", manual, tmp_path / "data", cfg)
+  cfg = facediff_tfds.CelebAConfig(name="partial", require_complete=False)
+  src = facediff_tfds.prepare("facediff_celebamask_hq", manual, tmp_path / "data", cfg)
   assert len(src["train"]) == 3 and len(src["test"]) == 2
   want_mask = np.zeros((8, 8), np.uint8)
   want_mask[3:6, 2:6] = 1  # skin and nose, less the glasses' row
@@ -140,14 +140,14 @@ def test_ffhq(tmp_path):
     write_image(
       str(manual / "images1024x1024" / f"{i // 1000 * 1000:05d}" / f"{i:05d}.png"), flat(i)
     )
-  cfg = fd.FaceConfig(name="partial", require_complete=False)
-  src = fd.prepare("facediff_ffhq", manual, tmp_path / "data", cfg)
+  cfg = facediff_tfds.FaceConfig(name="partial", require_complete=False)
+  src = facediff_tfds.prepare("facediff_ffhq", manual, tmp_path / "data", cfg)
   exs = read_all(src["train"])
   assert sorted(e["image_id"] for e in exs) == ids
   for e in exs:
     np.testing.assert_array_equal(e["image"], flat(e["image_id"]))  # PNG is lossless
-  with pytest.raises(fd.LayoutError, match="images1024x1024"):
-    fd.prepare("facediff_ffhq", tmp_path, tmp_path / "data1", cfg)
+  with pytest.raises(facediff_tfds.LayoutError, match="images1024x1024"):
+    facediff_tfds.prepare("facediff_ffhq", tmp_path, tmp_path / "data1", cfg)
 
 
 # ----------------------------------------------------------------------------- videos
@@ -170,8 +170,8 @@ def test_faceforensics(tmp_path):
     ("test", [["002", "003"]]),
   ):
     (manual / "splits" / f"{split}.json").write_text(json.dumps(pairs))
-  cfg = fd.FFConfig(name="t", methods=("original", "Deepfakes"), frame_step=2)
-  src = fd.prepare("facediff_faceforensics", manual, tmp_path / "data", cfg)
+  cfg = facediff_tfds.FFConfig(name="t", methods=("original", "Deepfakes"), frame_step=2)
+  src = facediff_tfds.prepare("facediff_faceforensics", manual, tmp_path / "data", cfg)
   assert sorted(src) == ["test", "train"]  # val has no videos here
   train = read_all(src["train"])
   names = src["train"].dataset_info.features["method"].names
@@ -193,8 +193,8 @@ def test_voxceleb1(tmp_path):
   for f in range(2):  # a clip given as extracted frames
     write_image(str(manual / "id10001" / "abcDEF" / "00002" / f"{f}.png"), flat(f, 16, 16))
   write_video(str(manual / "id10270" / "xyz" / "00001.mp4"), 3)
-  cfg = fd.VoxConfig(name="t", max_frames=3)
-  src = fd.prepare("facediff_voxceleb1", manual, tmp_path / "data", cfg)
+  cfg = facediff_tfds.VoxConfig(name="t", max_frames=3)
+  src = facediff_tfds.prepare("facediff_voxceleb1", manual, tmp_path / "data", cfg)
   train, test = read_all(src["train"]), read_all(src["test"])
   assert sorted((e["clip"], e["frame"]) for e in train) == [
     (b"00001", 0),
@@ -217,8 +217,8 @@ def test_mead(tmp_path):
   write_video(str(front("M003") / "neutral" / "level_1" / "001.mp4"), 2)
   write_video(str(front("W009") / "happy" / "level_3" / "002.mp4"), 2)
   write_video(str(manual / "W009" / "video" / "left_30" / "happy" / "level_3" / "002.mp4"), 2)
-  cfg = fd.MeadConfig(name="t", num_train_subjects=1, image_size=8)
-  src = fd.prepare("facediff_mead", manual, tmp_path / "data", cfg)
+  cfg = facediff_tfds.MeadConfig(name="t", num_train_subjects=1, image_size=8)
+  src = facediff_tfds.prepare("facediff_mead", manual, tmp_path / "data", cfg)
   train_subj, test_subj = mead.mead_split(["M003", "W009"], 1, 0)
   names = src["train"].dataset_info.features["emotion"].names
   exs = {"train": read_all(src["train"]), "test": read_all(src["test"])}

@@ -14,8 +14,8 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from facediff.convert import common  # noqa: E402
-from facediff.convert import unet as cu  # noqa: E402
-from facediff.models import unet as U  # noqa: E402
+from facediff.convert import unet as unet_convert  # noqa: E402
+from facediff.models import unet as unet_model  # noqa: E402
 
 # Two diffusers configs: A = DiffSFSR-like 9 input channels, cross dim 32, 2 levels;
 # B = 3 levels, per-block layers / heads / transformer layers, linear projections,
@@ -76,7 +76,7 @@ def _torch_out(m, x, t, ctx):
 @functools.lru_cache(maxsize=None)
 def _jitted_apply(config):
   # one compiled function per config, shared by the tests (compiles dominate their time)
-  return jax.jit(functools.partial(U.apply_unet, config, layout="NCHW"))
+  return jax.jit(functools.partial(unet_model.apply_unet, config, layout="NCHW"))
 
 
 def _flax_out(config, params, x, t, ctx):
@@ -85,8 +85,8 @@ def _flax_out(config, params, x, t, ctx):
 
 
 def _converted(m):
-  config = cu.config_from_diffusers(dict(m.config))
-  return config, cu.convert_unet_state_dict(
+  config = unet_convert.config_from_diffusers(dict(m.config))
+  return config, unet_convert.convert_unet_state_dict(
     {k: v.numpy() for k, v in m.state_dict().items()}, config
   )
 
@@ -94,7 +94,7 @@ def _converted(m):
 def test_parity_config_a_via_pipeline_folder(tmp_path):
   m = _torch_unet(CONFIG_A)
   m.save_pretrained(tmp_path / "unet")  # pipeline layout: <root>/unet/
-  config, params = cu.load_unet(tmp_path)
+  config, params = unet_convert.load_unet(tmp_path)
   assert config.in_channels == 9 and config.cross_attention_dim == 32
   x, t, ctx = _inputs(CONFIG_A)
   ref = _torch_out(m, x, t, ctx)
@@ -105,12 +105,12 @@ def test_parity_config_b_bin_weights_nhwc(tmp_path):
   m = _torch_unet(CONFIG_B, seed=3)
   m.save_pretrained(tmp_path, safe_serialization=False)  # diffusion_pytorch_model.bin
   assert os.path.isfile(tmp_path / "diffusion_pytorch_model.bin")
-  config, params = cu.load_unet(tmp_path)
+  config, params = unet_convert.load_unet(tmp_path)
   assert config.use_linear_projection and config.transformer_layers_list() == (2, 1, 1)
   x, t, ctx = _inputs(CONFIG_B, batch=3, length=5)
   ref = _torch_out(m, x, t, ctx)
   # NHWC path directly through the module
-  out = jax.jit(U.UNet2DConditionModel(config).apply)(
+  out = jax.jit(unet_model.UNet2DConditionModel(config).apply)(
     {"params": params}, jnp.asarray(x.numpy()).transpose(0, 2, 3, 1), t.numpy(), ctx.numpy()
   )
   np.testing.assert_allclose(np.asarray(out).transpose(0, 3, 1, 2), ref, atol=1e-4, rtol=1e-4)
@@ -135,21 +135,21 @@ def test_export_round_trip(tmp_path):
   params_plain = jax.tree.unflatten(
     tree, [np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32) for x in leaves]
   )
-  folder = cu.save_unet_pretrained(params_plain, config, tmp_path / "exported")
+  folder = unet_convert.save_unet_pretrained(params_plain, config, tmp_path / "exported")
   with open(os.path.join(folder, "config.json")) as f:
     assert json.load(f)["_class_name"] == "UNet2DConditionModel"
   m = diffusers.UNet2DConditionModel.from_pretrained(folder).eval()
   # every diffusers key exists with the right shape (from_pretrained would warn otherwise)
   sd = {k: v.numpy() for k, v in m.state_dict().items()}
-  exported = cu.unet_params_to_diffusers(params_plain)
+  exported = unet_convert.unet_params_to_diffusers(params_plain)
   assert sorted(sd) == sorted(exported)
   x, t, ctx = _inputs(CONFIG_A)
   ref = _torch_out(m, x, t, ctx)
   np.testing.assert_allclose(_flax_out(config, params_plain, x, t, ctx), ref, atol=1e-4, rtol=1e-4)
   # and back again
-  config2, params2 = cu.load_unet(folder)
+  config2, params2 = unet_convert.load_unet(folder)
   assert config2 == config
-  for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(params_plain)):
+  for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(params_plain), strict=True):
     np.testing.assert_array_equal(a, b)
 
 
@@ -157,7 +157,7 @@ def test_widen_conv_in_keeps_output():
   cfg4 = dict(CONFIG_A, in_channels=4)
   m = _torch_unet(cfg4)
   config, params = _converted(m)
-  wide_cfg, wide = cu.widen_conv_in(params, config, 9)
+  wide_cfg, wide = unet_convert.widen_conv_in(params, config, 9)
   assert wide_cfg.in_channels == 9
   k = np.asarray(wide["conv_in"]["kernel"])
   assert k.shape == (3, 3, 9, 32)
@@ -169,7 +169,7 @@ def test_widen_conv_in_keeps_output():
     out = _flax_out(wide_cfg, wide, torch.cat([x, extra], 1), t, ctx)
     np.testing.assert_allclose(out, ref, atol=1e-4, rtol=1e-4)
   with pytest.raises(ValueError, match="narrow"):
-    cu.widen_conv_in(params, config, 3)
+    unet_convert.widen_conv_in(params, config, 3)
 
 
 def test_corrupted_state_dict_lists_every_problem(tmp_path):
@@ -184,7 +184,7 @@ def test_corrupted_state_dict_lists_every_problem(tmp_path):
   path = folder / "diffusion_pytorch_model.safetensors"
   common.write_safetensors(sd, path)
   with pytest.raises(common.StateDictMismatchError) as e:
-    cu.load_unet(folder)
+    unet_convert.load_unet(folder)
   msg = str(e.value)
   assert str(path) in msg
   assert "down_blocks_0/attentions_0/transformer_blocks_0/attn2/to_k/kernel" in msg
@@ -201,18 +201,18 @@ def test_unreadable_and_unsupported_inputs(tmp_path):
   with pytest.raises(ValueError, match=str(bad)):
     common.read_state_dict(bad)
   with pytest.raises(FileNotFoundError, match="neither"):
-    cu.load_unet(tmp_path / "nowhere")
+    unet_convert.load_unet(tmp_path / "nowhere")
   cfg = dict(diffusers.UNet2DConditionModel(**CONFIG_A).config)
   cfg["class_embed_type"] = "timestep"
   with pytest.raises(ValueError, match="class_embed_type"):
-    cu.config_from_diffusers(cfg, source="x/config.json")
+    unet_convert.config_from_diffusers(cfg, source="x/config.json")
 
 
 def test_sd14_parameter_count():
-  abstract = U.abstract_params(U.UNetConfig.sd14())
-  assert U.count_params(abstract) == 859_520_964
-  wide = U.abstract_params(U.UNetConfig.sd14(in_channels=9))
-  assert U.count_params(wide) == 859_520_964 + 5 * 9 * 320  # conv_in widened only
+  abstract = unet_model.abstract_params(unet_model.UNetConfig.sd14())
+  assert unet_model.count_params(abstract) == 859_520_964
+  wide = unet_model.abstract_params(unet_model.UNetConfig.sd14(in_channels=9))
+  assert unet_model.count_params(wide) == 859_520_964 + 5 * 9 * 320  # conv_in widened only
   # the SD-1.4 tree has exactly diffusers' key set
   m = diffusers.UNet2DConditionModel(
     block_out_channels=(32, 64, 64, 64),
@@ -221,8 +221,8 @@ def test_sd14_parameter_count():
     attention_head_dim=2,
   )
   ours = common.flatten_params(
-    U.abstract_params(
-      U.UNetConfig.sd14(
+    unet_model.abstract_params(
+      unet_model.UNetConfig.sd14(
         block_out_channels=(32, 64, 64, 64),
         norm_num_groups=8,
         cross_attention_dim=16,
@@ -251,8 +251,9 @@ def test_sd14_parity_full_size():
   cfg = dict(diffusers.UNet2DConditionModel().config)
   cfg.update(sample_size=32, cross_attention_dim=768)
   m = _torch_unet({k: v for k, v in cfg.items() if not k.startswith("_")})
-  config = cu.config_from_diffusers(dict(m.config))
-  params = cu.convert_unet_state_dict({k: v.numpy() for k, v in m.state_dict().items()}, config)
+  config = unet_convert.config_from_diffusers(dict(m.config))
+  state = {k: v.numpy() for k, v in m.state_dict().items()}
+  params = unet_convert.convert_unet_state_dict(state, config)
   x, t, ctx = _inputs(
     dict(sample_size=32, in_channels=4, cross_attention_dim=768), batch=1, length=77
   )
@@ -261,13 +262,13 @@ def test_sd14_parity_full_size():
 
 
 def test_remat_same_value_and_gradient():
-  config = U.UNetConfig.tiny(
+  config = unet_model.UNetConfig.tiny(
     block_out_channels=(32,),
     down_block_types=("CrossAttnDownBlock2D",),
     up_block_types=("CrossAttnUpBlock2D",),
     sample_size=8,
   )
-  params = jax.jit(lambda k: U.init_params(config, k, context_len=3))(jax.random.key(0))
+  params = jax.jit(lambda k: unet_model.init_params(config, k, context_len=3))(jax.random.key(0))
   params = nn.unbox(params)
   k1, k2 = jax.random.split(jax.random.key(1))
   x = jax.random.normal(k1, (2, 8, 8, 4))
@@ -275,14 +276,14 @@ def test_remat_same_value_and_gradient():
   t = jnp.array([1, 700])
 
   def loss(p, cfg):
-    return jnp.mean(U.apply_unet(cfg, p, x, t, ctx) ** 2)
+    return jnp.mean(unet_model.apply_unet(cfg, p, x, t, ctx) ** 2)
 
   v0, g0 = jax.jit(jax.value_and_grad(functools.partial(loss, cfg=config)))(params)
   v1, g1 = jax.jit(jax.value_and_grad(functools.partial(loss, cfg=config.replace(remat=True))))(
     params
   )
   np.testing.assert_allclose(v1, v0, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
@@ -310,16 +311,16 @@ def test_attention_implementations_match_torch_sdpa(impl):
 def test_load_fp16_variant_and_sharded_index(tmp_path):
   m = _torch_unet(CONFIG_A)
   m.half().save_pretrained(tmp_path / "half", variant="fp16")
-  config, params = cu.load_unet(tmp_path / "half", variant="fp16")
-  want = cu.convert_unet_state_dict(
+  config, params = unet_convert.load_unet(tmp_path / "half", variant="fp16")
+  want = unet_convert.convert_unet_state_dict(
     {k: v.float().numpy() for k, v in m.state_dict().items()}, config
   )
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want)):
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want), strict=True):
     assert a.dtype == np.float32
     np.testing.assert_array_equal(a, b)
   # a checkpoint split in shards with an index file
   m.float().save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
   assert any(f.endswith(".index.json") for f in os.listdir(tmp_path / "sharded"))
-  _, params2 = cu.load_unet(tmp_path / "sharded")
-  for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(want)):
+  _, params2 = unet_convert.load_unet(tmp_path / "sharded")
+  for a, b in zip(jax.tree.leaves(params2), jax.tree.leaves(want), strict=True):
     np.testing.assert_array_equal(a, b)

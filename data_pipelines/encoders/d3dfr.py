@@ -58,7 +58,7 @@ class ResNet50Trunk(nn.Module):
     self.relu = nn.ReLU(inplace=True)
     self.maxpool = nn.MaxPool2d(3, 2, 1)
     cin = 64
-    for i, (n, width) in enumerate(zip(layers, (64, 128, 256, 512))):
+    for i, (n, width) in enumerate(zip(layers, (64, 128, 256, 512), strict=True)):
       stride = 1 if i == 0 else 2
       down = nn.Sequential(
         nn.Conv2d(cin, width * 4, 1, stride, bias=False), nn.BatchNorm2d(width * 4)

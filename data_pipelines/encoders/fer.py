@@ -92,8 +92,9 @@ def _same_pad(n: int, k: int, s: int) -> tuple[int, int]:
 def _pad(x, k, s, padding, value=0.0):
   if padding == "valid":
     return x
-  (t, b), (l, r) = _same_pad(x.shape[1], k[0], s[0]), _same_pad(x.shape[2], k[1], s[1])
-  return np.pad(x, ((0, 0), (t, b), (l, r), (0, 0)), constant_values=value)
+  rows = _same_pad(x.shape[1], k[0], s[0])
+  cols = _same_pad(x.shape[2], k[1], s[1])
+  return np.pad(x, ((0, 0), rows, cols, (0, 0)), constant_values=value)
 
 
 def _windows(x, k, s):

@@ -52,7 +52,7 @@ class IResNet(nn.Module):
     self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
     self.prelu = nn.PReLU(64)
     cin = 64
-    for i, (n, cout) in enumerate(zip(layers, (64, 128, 256, 512))):
+    for i, (n, cout) in enumerate(zip(layers, (64, 128, 256, 512), strict=True)):
       down = nn.Sequential(nn.Conv2d(cin, cout, 1, 2, bias=False), nn.BatchNorm2d(cout, eps=1e-5))
       blocks = [IBasicBlock(cin, cout, 2, down)] + [IBasicBlock(cout, cout) for _ in range(n - 1)]
       setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
@@ -101,7 +101,7 @@ class IRBackbone(nn.Module):
     super().__init__()
     self.input_layer = nn.Sequential(_conv3(3, 64), nn.BatchNorm2d(64), nn.PReLU(64))
     body, cin = [], 64
-    for n, cout in zip(IR_LAYERS[num_layers], (64, 128, 256, 512)):
+    for n, cout in zip(IR_LAYERS[num_layers], (64, 128, 256, 512), strict=True):
       body += [BottleneckIR(cin, cout, 2)] + [BottleneckIR(cout, cout, 1) for _ in range(n - 1)]
       cin = cout
     self.body = nn.Sequential(*body)

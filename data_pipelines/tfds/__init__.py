@@ -24,11 +24,10 @@ import os
 
 import tensorflow_datasets as tfds
 
-from data_pipelines.tfds import celeba, common, faceforensics, ffhq, mead, voxceleb
 from data_pipelines.tfds.celeba import (
   CelebAConfig,
-  FacediffCelebamaskHq,
   FacediffCelebaHq,
+  FacediffCelebamaskHq,
   celeba_hq_split,
 )
 from data_pipelines.tfds.common import FaceConfig, LayoutError
@@ -36,6 +35,25 @@ from data_pipelines.tfds.faceforensics import FacediffFaceforensics, FFConfig
 from data_pipelines.tfds.ffhq import FacediffFfhq
 from data_pipelines.tfds.mead import FacediffMead, MeadConfig, mead_split
 from data_pipelines.tfds.voxceleb import FacediffVoxceleb1, VoxConfig
+
+__all__ = [
+  "BUILDERS",
+  "CelebAConfig",
+  "FFConfig",
+  "FaceConfig",
+  "FacediffCelebaHq",
+  "FacediffCelebamaskHq",
+  "FacediffFaceforensics",
+  "FacediffFfhq",
+  "FacediffMead",
+  "FacediffVoxceleb1",
+  "LayoutError",
+  "MeadConfig",
+  "VoxConfig",
+  "celeba_hq_split",
+  "make_builder",
+  "mead_split",
+]
 
 BUILDERS = {
   b.name: b

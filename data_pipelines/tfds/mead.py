@@ -2,7 +2,8 @@
 
 Manual folder layout (MEAD release, per subject ``<subject>/video.tar`` extracted)::
 
-    <subject>/video/<view>/<emotion>/level_<n>/<nnn>.mp4      e.g. M003/video/front/angry/level_2/001.mp4
+    <subject>/video/<view>/<emotion>/level_<n>/<nnn>.mp4
+    e.g. M003/video/front/angry/level_2/001.mp4
 
 A clip may also be a folder ``<nnn>/`` of frames ``<k>.png|jpg`` extracted beforehand;
 ``.mp4`` files are decoded with OpenCV. TGDM uses the front view and "randomly
