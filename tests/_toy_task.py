@@ -1,0 +1,104 @@
+"""A tiny regression task on the trainer's Task interface, its data and its config.
+
+The model is a 2-layer MLP whose params carry logical axes (so FSDP shards them);
+the loss adds noise drawn from the step's key, so resumption must reproduce the RNG
+stream as well as the data order.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from facediff.models import layers
+from facediff.train import Task
+
+DIM, HIDDEN, NUM_RECORDS = 16, 64, 64
+
+
+class MLP(nn.Module):
+  hidden: int = HIDDEN
+
+  @nn.compact
+  def __call__(self, x):
+    h = layers.Dense(self.hidden, ("embed", "mlp"), name="fc1")(x)
+    return layers.Dense(DIM, ("mlp", "embed"), name="fc2")(jax.nn.gelu(h))
+
+
+def make_task(hidden: int = HIDDEN, nan_after: int | None = None) -> Task:
+  model = MLP(hidden)
+
+  def init(key):
+    return model.init(key, jnp.zeros((1, DIM)))["params"]
+
+  def loss_fn(params, frozen, batch, rng, model_state):
+    del frozen, model_state
+    x = batch["x"] + 0.01 * jax.random.normal(rng, batch["x"].shape)
+    pred = model.apply({"params": params}, x)
+    mse = jnp.mean((pred - batch["y"]) ** 2)
+    reg = 1e-3 * jnp.mean(pred**2)
+    loss = mse + reg
+    if nan_after is not None:  # records with index >= nan_after carry a NaN flag
+      loss = loss + jnp.where(jnp.any(batch["index"] >= nan_after), jnp.nan, 0.0)
+    return loss, {"mse": mse, "reg": reg}
+
+  def sample_fn(params, frozen, batch, rng):
+    del frozen, rng
+    pred = model.apply({"params": params}, batch["x"])
+    img = jnp.tanh(pred[:, :12].reshape(-1, 2, 2, 3))
+    return jnp.repeat(jnp.repeat(img, 4, 1), 4, 2)
+
+  return Task(name="toy", init=init, loss_fn=loss_fn, sample_fn=sample_fn)
+
+
+def records() -> list[dict[str, np.ndarray]]:
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(DIM, DIM)).astype(np.float32) / 4
+  xs = rng.normal(size=(NUM_RECORDS, DIM)).astype(np.float32)
+  return [{"x": xs[i], "y": np.tanh(xs[i] @ w), "index": np.int32(i)} for i in range(NUM_RECORDS)]
+
+
+def make_iterator(config, process_index: int = 0, process_count: int = 1, shuffle=True):
+  per_host = int(config.data.global_batch_size) // process_count
+  ds = grain.MapDataset.source(records())[process_index::process_count]
+  if shuffle:
+    ds = ds.shuffle(seed=int(config.data.seed))
+  ds = ds.repeat(None).batch(per_host, drop_remainder=True)
+  return iter(ds.to_iter_dataset())
+
+
+def make_config(**train) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.data = dict(global_batch_size=8, seed=0)
+  c.mesh = dict(data=-1, fsdp=1)
+  c.optim = dict(
+    lr=3e-3,
+    warmup_steps=2,
+    constant_steps=10,
+    decay_steps=10,
+    b1=0.9,
+    b2=0.99,
+    eps=1e-8,
+    weight_decay=1e-4,
+    max_grad_norm=1.0,
+  )
+  c.ema = dict(decay=0.9)
+  c.train = dict(
+    num_steps=6,
+    seed=0,
+    grad_accum_steps=1,
+    log_every=1,
+    checkpoint_every=3,
+    keep_checkpoints=5,
+    keep_best_metric="",
+    sample_every=3,
+    eval_every=0,
+    profile_steps=[],
+    async_checkpointing=True,
+  )
+  c.train.update(train)
+  return c
