@@ -1,0 +1,1 @@
+"""Pure loss functions: DiffSFSR (Eq. 3-7), LPIPS, and their building blocks."""
