@@ -24,11 +24,11 @@ def main(model_path: str, in_path: str, out_path: str) -> None:
     raise SystemExit(f"expected the jax backend, got {keras.backend.backend()}")
   model = keras.models.load_model(model_path, compile=False)
   gap = next(ly for ly in model.layers if isinstance(ly, keras.layers.GlobalAveragePooling2D))
-  head = gap.input._keras_history.operation  # the 7-channel classifier conv
-  sub = keras.Model(model.inputs, [model.outputs[0], gap.output, head.input])
+  head = next(ly for ly in model.layers if ly.output is gap.input)  # the classifier conv
+  sub = keras.Model(model.inputs[0], [model.outputs[0], gap.output, head.input])
   grey = np.load(in_path)["grey"].astype(np.float32)
   x = (grey / 255.0 - 0.5) * 2.0
-  probs, logits, last_block = (np.asarray(a) for a in sub(x, training=False))
+  probs, logits, last_block = sub.predict(x, batch_size=len(x), verbose=0)
   np.savez(
     out_path,
     probs=probs,
