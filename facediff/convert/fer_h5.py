@@ -212,6 +212,8 @@ def _walk(m: KerasModelFile) -> tuple[FerConfig, dict[str, KerasLayer]]:
     raise FerWeightsError(
       f"{m.path}: expected one input and one output, got {m.inputs} / {m.outputs}"
     )
+  if m.inputs[0] not in m.layers:
+    raise m.error(m.inputs[0], "the model's input is not among its layers")
   x = _expect(m, m.layers[m.inputs[0]], "InputLayer")
   shape = x.config.get("batch_input_shape") or x.config.get("batch_shape")
   if not shape or len(shape) != 4 or shape[1] != shape[2] or shape[1] is None:
