@@ -62,9 +62,10 @@ def Conv(
   features: int,
   kernel_size: int = 3,
   strides: int = 1,
-  padding: int | tuple[tuple[int, int], tuple[int, int]] = 1,
+  padding: int | str | tuple[tuple[int, int], tuple[int, int]] = 1,
   *,
   use_bias: bool = True,
+  feature_group_count: int = 1,
   dtype: Dtype = jnp.float32,
   param_dtype: Dtype = jnp.float32,
   kernel_init: Callable | None = None,
@@ -74,8 +75,11 @@ def Conv(
   """2-D convolution, NHWC; params ``kernel`` (kh, kw, in, out) with logical axes
   CONV_AXES and ``bias`` ('conv_out',).
 
-  ``padding`` is the symmetric padding per side (torch ``padding=``), or an explicit
-  ((top, bottom), (left, right)) pair.
+  ``padding`` is the symmetric padding per side (torch ``padding=``), an explicit
+  ((top, bottom), (left, right)) pair, or ``"SAME"`` / ``"VALID"`` (lax's SAME is
+  TensorFlow's: the odd extra pixel goes to the bottom / right).
+  ``feature_group_count`` = input channels makes a depthwise convolution (kernel
+  (kh, kw, 1, out)).
   """
   if isinstance(padding, int):
     padding = ((padding, padding), (padding, padding))
@@ -85,6 +89,7 @@ def Conv(
     strides=(strides, strides),
     padding=padding,
     use_bias=use_bias,
+    feature_group_count=feature_group_count,
     dtype=dtype,
     param_dtype=param_dtype,
     kernel_init=_init(kernel_init or torch_default_kernel_init(), CONV_AXES),
