@@ -174,9 +174,8 @@ def test_checkpoint_of_other_shapes_fails_before_compiling_naming_the_parameter(
   cfg = toy.make_config(num_steps=3, checkpoint_every=3)
   loop.train_and_evaluate(cfg, str(tmp_path), toy.make_task(), toy.make_iterator(cfg))
   cfg6 = toy.make_config(num_steps=6)
-  with pytest.raises(
-    ckpt_lib.CheckpointMismatchError, match=r"params/fc1/bias has shape \(64,\) in the checkpoint, the config builds \(32,\)"
-  ):
+  want = r"params/fc1/bias has shape \(64,\) in the checkpoint, the config builds \(32,\)"
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match=want):
     loop.train_and_evaluate(cfg6, str(tmp_path), toy.make_task(hidden=32), toy.make_iterator(cfg6))
 
 
