@@ -150,6 +150,7 @@ def test_config_mismatch_is_named():
     diffsfsr_task.make_task(config)
 
 
+@pytest.mark.slow  # two subprocess runs with compilation; run with -m slow
 def test_launch_train_trains_and_resumes(tmp_path):
   data = tmp_path / "data"
   fake_shards.write_dataset(str(data), 32, image_size=16, latent_shape=None)
