@@ -1,0 +1,1 @@
+"""Training losses and the differentiable face crops their frozen encoders read."""
