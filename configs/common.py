@@ -30,6 +30,7 @@ def data(**overrides) -> ml_collections.ConfigDict:
     exp_dim=7,
     mask_field="mask",
     latent_field="",  # cached VAE latents ("" = none)
+    crop_fields=[],  # encoder crop kinds whose crop_<kind> transforms batches carry
     seed=0,
     num_workers=0,  # grain worker processes (0 = decode in the main process)
   )

@@ -9,8 +9,21 @@ landmarks, cut the crops the encoders need, run the encoders in batches, and wri
 one record per face: ``key`` (the input's relative path or index), ``image``
 (PNG/JPEG bytes of the square face image at ``--image-size``), ``landmarks``
 (68, 2) in that image's pixels, one field per encoder output (``id_dlib``,
-``exp_fer``, ``mask``, ...), and ``latent`` with ``--latents`` (facediff's Flax SD
-VAE, posterior mean times the scaling factor, (h, w, C)).
+``exp_fer``, ``mask``, ...), ``latent`` with ``--latents`` (facediff's Flax SD
+VAE, posterior mean times the scaling factor, (h, w, C)), and one ``crop_<kind>``
+per input crop of the selected encoders (other than ``image`` itself).
+
+``crop_<kind>`` (float32 (2, 3)) is the affine transform from the stored ``image``'s
+pixels to that encoder crop's pixels: ``crop_matrix @ inverse(image_matrix)``, both
+mapping original-photo pixels (cv2.warpAffine's convention: the matrix maps source
+to destination coordinates, pixel centres at integers). Warping the decoded
+``image`` at its stored size with it (``cv2.warpAffine(image, crop, (n, n))``, or
+``facediff.losses.align.warp_affine``) gives the encoder's crop up to resampling:
+this lets a trainer cut the same crops from a generated image. Kinds (``faces.py``):
+``dlib150`` (dlib's 150x150 chip, padding 0.25; constant border), ``arcface112``
+(five-point similarity; constant border), ``facenet160`` and ``fer64`` (the square
+detector box, widened; replicate border; fer64 is grey), and ``d3dfr224`` (D3DFR's
+own rescale-and-cut, for ``d3dfr``). The detector box itself is not stored.
 
 Inputs that fail (unreadable/corrupt file, no face, several faces) are logged and
 counted in the manifest's ``counters``; they never stop the export.
@@ -45,12 +58,13 @@ import numpy as np
 
 from data_pipelines import encoders as enc_lib
 from data_pipelines import records
-from data_pipelines.faces import FaceAligner, FaceDetector, FaceResult
+from data_pipelines.faces import FaceAligner, FaceDetector, FaceResult, relative_transform
 
 log = logging.getLogger("data_pipelines.export")
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 PROGRESS = "_progress"
+CROP_PREFIX = "crop_"
 COUNTERS = ("inputs", "written", "corrupt", "no_face", "multiple_faces", "failed")
 
 
@@ -203,6 +217,8 @@ def build_encoders(cfg: ExportConfig) -> list[enc_lib.Encoder]:
   seen: dict[str, str] = {}
   for e in out:
     for f in e.output_fields():
+      if f.startswith(CROP_PREFIX):
+        raise ExportError(f"field {f!r} of {e.name!r}: the prefix {CROP_PREFIX!r} is reserved")
       if f in seen or f in ("key", "image", "landmarks"):
         raise ExportError(
           f"field {f!r} written by both {seen.get(f, 'the exporter')!r} and {e.name!r}"
@@ -225,7 +241,26 @@ def manifest_fields(
   for e in encs:
     for name, spec in e.output_fields().items():
       fields[name] = records.FieldSpec(spec.dtype, list(spec.shape), e.name, str(e.version))
+  for kind in crop_kinds(encs):
+    fields[CROP_PREFIX + kind] = records.FieldSpec(
+      "float32", [2, 3], "crop-transform", f"image->{kind} affine/1"
+    )
   return fields
+
+
+def crop_kinds(encs: Sequence[enc_lib.Encoder]) -> list[str]:
+  """Sorted crop kinds whose image -> crop transforms the records carry."""
+  return sorted({k for e in encs for k in e.crop_kinds()})
+
+
+def crop_fields(face: FaceResult, encs: Sequence[enc_lib.Encoder]) -> dict[str, np.ndarray]:
+  """``crop_<kind>``: float32 (2, 3) transforms from the stored image to each crop."""
+  image_matrix = face.crops["image"].matrix
+  out = {}
+  for e in encs:
+    for kind, m in e.crop_transforms(face).items():
+      out[CROP_PREFIX + kind] = relative_transform(m, image_matrix).astype(np.float32)
+  return out
 
 
 def _file_digest(path: str) -> str:
@@ -470,6 +505,7 @@ def _process_shard(source, keys, aligner, encs, cfg):
       "image": _encode_image(crop.image, cfg.image_format, cfg.jpeg_quality),
       "landmarks": crop.landmarks.astype(np.float32),
     }
+    rec.update(crop_fields(r, encs))
     for f, v in outputs.items():
       rec[f] = v[i]
     rec.update(extras.get(key, {}))
@@ -498,6 +534,12 @@ def _finish(output, n_shards, fields, fp, source, cfg) -> records.Manifest:
     "inputs_sha256": fp["inputs_sha256"],
     "weights_sha256": fp["weights_sha256"],
   }
+  kinds = [f[len(CROP_PREFIX) :] for f in fields if f.startswith(CROP_PREFIX)]
+  if kinds:
+    extra["crop_transforms"] = (
+      "crop_<kind>: 2x3 affine, pixels of 'image' -> pixels of the encoder crop "
+      "<kind> (cv2.warpAffine convention, pixel centres at integers)"
+    )
   if "latent" in fields:
     extra["latent"] = "VAE posterior mean * scaling_factor, (h, w, C)"
   manifest = records.Manifest(

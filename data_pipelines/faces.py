@@ -18,8 +18,12 @@ Crop kinds (each a square image, RGB uint8 unless noted):
 - ``image``: the dataset image, an axis-aligned square around the landmarks,
   ``image_scale`` times their extent, resized to ``image_size``.
 
-Every crop but ``dlib150`` is an affine warp of the original image; its 2x3 matrix
-maps original pixel coordinates to crop coordinates, so landmarks follow the crop.
+Every crop is an affine map of the original image; its 2x3 matrix maps original
+pixel coordinates to crop coordinates (cv2.warpAffine's convention: pixel centres at
+integers), so landmarks follow the crop. All but ``dlib150`` are cut with
+``cv2.warpAffine`` and that matrix; ``dlib150`` is cut by dlib itself, and its matrix
+(``dlib_chip_matrix``) is the geometry dlib samples. ``relative_transform`` turns a
+crop's matrix into one from the ``image`` crop, which the exporter stores.
 """
 
 from __future__ import annotations
@@ -179,6 +183,47 @@ def square_box_transform(center: Sequence[float], side: float, size: int) -> np.
   return np.array([[s, 0.0, size / 2.0 - s * cx], [0.0, s, size / 2.0 - s * cy]])
 
 
+def dlib_chip_matrix(details) -> np.ndarray:
+  """2x3 matrix, original -> chip, of the pixels ``dlib.extract_image_chip`` samples.
+
+  dlib (image_transforms/interpolation.h, ``get_mapping_to_chip``) maps the corners
+  tl, tr, br of ``details.rect``, rotated by ``details.angle`` about its centre, onto
+  chip pixels (0, 0), (cols-1, 0), (cols-1, rows-1). When the rect is much larger than
+  the chip, ``extract_image_chips`` samples level L of a ``pyramid_down<2>`` pyramid
+  (L = number of ``rect_down`` steps whose area still exceeds rows*cols). dlib places
+  level pixel q at original 2q + (2.5, 1.5) (``point_up``) while its 5-tap filter
+  averages around 2q + 2, so the pixels it samples lie (2^L - 1)/2 original pixels
+  left of and below the ideal ones (measured on coordinate ramps, L = 0..3, in
+  tests/test_crop_transforms.py). The returned matrix includes that shift.
+  """
+  import dlib
+
+  rect = details.rect
+  cx, cy = (rect.left() + rect.right()) / 2.0, (rect.top() + rect.bottom()) / 2.0
+  c, s = np.cos(details.angle), np.sin(details.angle)
+  corners = np.array([[rect.left(), rect.top()], [rect.right(), rect.top()]], np.float64)
+  corners = np.vstack([corners, [rect.right(), rect.bottom()]]) - (cx, cy)
+  src = corners @ np.array([[c, s], [-s, c]]) + (cx, cy)  # rotate_point about the centre
+  dst = np.array([[0, 0], [details.cols - 1, 0], [details.cols - 1, details.rows - 1]], np.float64)
+  # exact affine through three point pairs: dst = A @ [src, 1]
+  m = np.linalg.solve(np.hstack([src, np.ones((3, 1))]), dst).T
+  pyr, down, levels = dlib.pyramid_down(2), rect, 0
+  while pyr.rect_down(down).area() > details.rows * details.cols:
+    down, levels = pyr.rect_down(down), levels + 1
+  shift = (2.0**levels - 1.0) / 2.0
+  # sampled = ideal + (-shift, +shift)  =>  chip = m @ (sampled - (-shift, shift))
+  m[:, 2] -= m[:, :2] @ np.array([-shift, shift])
+  return m
+
+
+def relative_transform(crop_matrix: np.ndarray, image_matrix: np.ndarray) -> np.ndarray:
+  """2x3 matrix from the ``image`` crop's pixels to another crop's pixels:
+  ``crop_matrix @ inverse(image_matrix)`` (both map original -> crop)."""
+  crop3 = np.vstack([np.asarray(crop_matrix, np.float64), [0.0, 0.0, 1.0]])
+  image3 = np.vstack([np.asarray(image_matrix, np.float64), [0.0, 0.0, 1.0]])
+  return (crop3 @ np.linalg.inv(image3))[:2]
+
+
 def warp(image: np.ndarray, m: np.ndarray, size: int, border: str = "constant") -> np.ndarray:
   import cv2
 
@@ -200,7 +245,7 @@ def warp(image: np.ndarray, m: np.ndarray, size: int, border: str = "constant") 
 @dataclasses.dataclass
 class Crop:
   image: np.ndarray
-  matrix: np.ndarray | None  # 2x3, original -> crop; None for dlib's chip
+  matrix: np.ndarray | None  # 2x3, original -> crop
   landmarks: np.ndarray | None  # (68, 2) in crop coordinates
 
 
@@ -268,7 +313,8 @@ class FaceAligner:
           [dlib.point(int(round(x)), int(round(y))) for x, y in lm],
         )
       chip = dlib.get_face_chip(image, shape, size=150, padding=0.25)
-      return Crop(np.asarray(chip), None, None)
+      m = dlib_chip_matrix(dlib.get_face_chip_details(shape, size=150, padding=0.25))
+      return Crop(np.asarray(chip), m, apply_affine(m, lm))
     if kind == "arcface112":
       m = similarity_transform(five_points(lm), ARCFACE_TEMPLATE_112)
       return Crop(warp(image, m, 112), m, apply_affine(m, lm))

@@ -5,12 +5,14 @@ decoded batch which record each row came from: ``id_*`` and ``exp_*`` embeddings
 hold ``index + k / 1000`` at position k, the image is a flat colour
 ``(index % 251, (3 * index) % 251, (7 * index) % 251)`` and the mask is the centred
 half-size square. ``image="photo"`` stores a real portrait instead (benchmarks).
+``crop_kinds`` adds ``crop_<kind>`` transforms (``crop_matrix``), as the exporter
+writes them.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -36,6 +38,15 @@ def face_mask(size: int) -> np.ndarray:
   return m
 
 
+def crop_matrix(index: int, kind: str, size: int) -> np.ndarray:
+  """A known (2, 3) float32 similarity for record ``index`` and crop ``kind``."""
+  angle = 0.01 * index + 0.1 * (len(kind) % 5)
+  scale = 0.6 + 0.001 * index
+  c, s = scale * np.cos(angle), scale * np.sin(angle)
+  t = (0.1 * size + index % 5, 0.2 * size - index % 3)
+  return np.array([[c, -s, t[0]], [s, c, t[1]]], np.float32)
+
+
 def _photo(index: int, size: int) -> np.ndarray:
   from skimage import data  # a real portrait: PNG size and decode time like a face crop
 
@@ -49,6 +60,7 @@ def make_example(
   embeddings: Mapping[str, int],
   latent_shape: tuple[int, ...] | None,
   image: str = "flat",
+  crop_kinds: Sequence[str] = (),
 ) -> dict:
   """One record; ``image`` is "flat" (colour coding the index) or "photo"."""
   if image == "photo":
@@ -64,6 +76,8 @@ def make_example(
     ex[name] = embedding_value(index, dim)
   if latent_shape is not None:
     ex["latent"] = np.full(latent_shape, index, np.float32)
+  for kind in crop_kinds:
+    ex[f"crop_{kind}"] = crop_matrix(index, kind, size)
   return ex
 
 
@@ -76,6 +90,7 @@ def write_dataset(
   embeddings: Mapping[str, int] = DEFAULT_EMBEDDINGS,
   latent_shape: tuple[int, ...] | None = (2, 2, 4),
   image: str = "flat",
+  crop_kinds: Sequence[str] = (),
 ) -> records.Manifest:
   """Writes ``num_records`` records into shards of ``folder`` plus its manifest."""
   os.makedirs(folder, exist_ok=True)
@@ -87,6 +102,8 @@ def write_dataset(
     fields[name] = records.FieldSpec("float32", [dim], name, "1")
   if latent_shape is not None:
     fields["latent"] = records.FieldSpec("float32", list(latent_shape), "fake_vae", "1")
+  for kind in crop_kinds:
+    fields[f"crop_{kind}"] = records.FieldSpec("float32", [2, 3], "crop-transform", "1")
   shards = []
   for k, start in enumerate(range(0, num_records, records_per_shard)):
     stop = min(start + records_per_shard, num_records)
@@ -94,7 +111,9 @@ def write_dataset(
     writer = ArrayRecordWriter(os.path.join(folder, name), "group_size:1")
     for i in range(start, stop):
       writer.write(
-        records.encode_record(make_example(i, image_size, embeddings, latent_shape, image))
+        records.encode_record(
+          make_example(i, image_size, embeddings, latent_shape, image, crop_kinds)
+        )
       )
     writer.close()
     shards.append(records.ShardInfo(name, stop - start))

@@ -34,21 +34,33 @@ Config fields read (``config.data.*``; optional ones have the default shown):
 * ``latent_field`` (""): cached VAE latent (h, w, C) of the image, "" for none;
   ``latent_channels`` (None) and ``latent_downsample`` (8) are checked against the
   manifest (h = image_size / latent_downsample).
+* ``crop_fields`` ([]): encoder crop kinds (``dlib150``, ``arcface112``,
+  ``facenet160``, ``fer64``, ...) whose stored ``crop_<kind>`` transforms the batches
+  carry, rescaled to ``image_size`` (see below).
 * ``num_epochs`` (None = repeat forever), ``read_threads`` (2),
   ``prefetch_buffer_size`` (2 * read_threads batches), ``num_eval`` (None = every
   record), ``eval_source_images`` (True: eval batches also carry the id/exp images).
 
-``id_dims`` / ``exp_dim`` / ``latent_channels`` are what makes a dataset exported
-with other encoders fail at start (``Manifest.check_fields``, naming the field, the
-manifest's dimension and the config's); without them any dimension is accepted.
+``id_dims`` / ``exp_dim`` / ``latent_channels`` / ``crop_fields`` are what makes a
+dataset exported with other encoders fail at start (``Manifest.check_fields``,
+naming the field, the manifest's dimension and the config's); without them any
+dimension is accepted.
 
 A batch of the iterators is ``{"bkg_image": (B,S,S,3) float32 in [-1,1],
 "bkg_mask": (B,S,S,1) float32 in {0,1} (1 = face), "latent": (B,h,w,C) if
 configured, "id": {field: (B,d)}, "exp": (B,d), "src": {"bkg", "id", "exp"}: int32
-record indices}``; eval batches add ``"valid"`` (and ``"id_image"``,
-``"exp_image"``). B is the global batch with a mesh, else the host batch. The
-host-level datasets (``make_train_dataset``, ``make_eval_dataset``) keep images and
-masks uint8; ``to_model_inputs`` converts (on the devices when a mesh is given).
+record indices, "crops": {kind: (B,2,3) float32} if ``crop_fields``}``; eval batches
+add ``"valid"`` (and ``"id_image"``, ``"exp_image"``, with ``crop_fields`` also
+``"id_crops"``, ``"exp_crops"``). B is the global batch with a mesh, else the host
+batch. The host-level datasets (``make_train_dataset``, ``make_eval_dataset``) keep
+images and masks uint8; ``to_model_inputs`` converts (on the devices when a mesh is
+given).
+
+``crops[kind]`` maps pixels of the batch's (resized) image to pixels of that
+encoder's input crop, in cv2.warpAffine's convention (pixel centres at integers):
+the stored ``crop_<kind>`` (from the stored n x n image) composed with the resize
+n -> ``image_size`` S, whose pixel x sits at stored pixel (x + 0.5) n / S - 0.5.
+``facediff.losses.align.encoder_crop(images, crops[kind], kind)`` cuts the crop.
 """
 
 from __future__ import annotations
@@ -107,7 +119,37 @@ def expected_fields(data_cfg) -> dict[str, int | None]:
   latent = _get(data_cfg, "latent_field", "")
   if latent:
     out[latent] = _get(data_cfg, "latent_channels")
+  for kind in crop_kinds(data_cfg):
+    out[CROP_PREFIX + kind] = 3  # (2, 3) matrices
   return out
+
+
+CROP_PREFIX = "crop_"  # as data_pipelines.export writes them
+
+
+def crop_kinds(data_cfg) -> list[str]:
+  """``config.data.crop_fields`` as a list of crop kinds (default none)."""
+  kinds = _get(data_cfg, "crop_fields", ())
+  if isinstance(kinds, str):
+    raise ValueError(f"config.data.crop_fields={kinds!r}: expected a list of crop kinds")
+  return list(kinds)
+
+
+def resize_matrix(src_hw: tuple[int, int], size: int) -> np.ndarray:
+  """2x3 matrix from the pixels of a ``size`` x ``size`` resize (cv2.resize) of an
+  image of ``src_hw`` to the pixels of that image: x_src = (x + 0.5) w / size - 0.5."""
+  sy, sx = src_hw[0] / size, src_hw[1] / size
+  return np.array([[sx, 0.0, 0.5 * sx - 0.5], [0.0, sy, 0.5 * sy - 0.5]])
+
+
+def rescale_crop(crop: np.ndarray, src_hw: tuple[int, int], size: int) -> np.ndarray:
+  """A stored image -> crop transform re-expressed from the resized image's pixels."""
+  m = np.asarray(crop, np.float64)
+  if m.shape != (2, 3):
+    raise RecordError(f"crop transform has shape {m.shape}, expected (2, 3)")
+  r = resize_matrix(src_hw, size)
+  out = m[:, :2] @ r[:, :2]
+  return np.concatenate([out, (m[:, :2] @ r[:, 2] + m[:, 2])[:, None]], 1).astype(np.float32)
 
 
 def host_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -133,6 +175,13 @@ def open_source(data_cfg) -> tuple[grain.sources.ArrayRecordDataSource, records.
   folder = os.fspath(_require(data_cfg, "path"))
   manifest = records.Manifest.load(folder)
   manifest.check_fields(expected_fields(data_cfg), folder=folder)
+  for kind in crop_kinds(data_cfg):
+    shape = list(manifest.fields[CROP_PREFIX + kind].shape)
+    if shape != [2, 3]:
+      raise RecordError(
+        f"{os.path.join(folder, records.MANIFEST)}: field {CROP_PREFIX + kind!r} has "
+        f"shape {shape}, expected [2, 3] (an affine transform)"
+      )
   latent = _get(data_cfg, "latent_field", "")
   if latent:
     shape = list(manifest.fields[latent].shape)
@@ -162,14 +211,23 @@ def open_source(data_cfg) -> tuple[grain.sources.ArrayRecordDataSource, records.
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode_image_uint8(data: bytes, size: int, *, source: str = "<image>") -> np.ndarray:
-  """PNG/JPEG bytes -> (size, size, 3) uint8 RGB (area-downscaled / cubic-upscaled)."""
+def decode_image_native(data: bytes, *, source: str = "<image>") -> np.ndarray:
+  """PNG/JPEG bytes -> (H, W, 3) uint8 RGB at the stored size."""
   buf = np.frombuffer(data, np.uint8) if isinstance(data, (bytes, bytearray)) else None
   img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf is not None and buf.size else None
   if img is None:
     raise RecordError(f"{source}: not a decodable image")
-  img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+  return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def resize_image(img: np.ndarray, size: int) -> np.ndarray:
+  """(H, W, 3) -> (size, size, 3): area-downscaled / cubic-upscaled."""
   return _resize(img, size, cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_CUBIC)
+
+
+def decode_image_uint8(data: bytes, size: int, *, source: str = "<image>") -> np.ndarray:
+  """PNG/JPEG bytes -> (size, size, 3) uint8 RGB (area-downscaled / cubic-upscaled)."""
+  return resize_image(decode_image_native(data, source=source), size)
 
 
 def to_unit_range(img):
@@ -258,6 +316,7 @@ class _Reader:
     self.exp_field = _require(data_cfg, "exp_field")
     self.exp_dim = _get(data_cfg, "exp_dim")
     self.latent_field = _get(data_cfg, "latent_field", "")
+    self.crop_kinds = crop_kinds(data_cfg)
     self.source = source
     self.folder = folder
     self.bounds = np.cumsum([s.count for s in manifest.shards])
@@ -274,16 +333,17 @@ class _Reader:
 
   def background(self, rec, index) -> dict[str, np.ndarray]:
     w = self.where(index)
+    image, crops = self.image_and_crops(rec, index)
     out = {
-      "bkg_image": decode_image_uint8(
-        _field(rec, self.image_field, w), self.size, source=f"{w} field {self.image_field!r}"
-      ),
+      "bkg_image": image,
       "bkg_mask": decode_mask(
         _field(rec, self.mask_field, w), self.size, source=f"{w} field {self.mask_field!r}"
       ),
     }
     if self.latent_field:
       out["latent"] = np.asarray(_field(rec, self.latent_field, w), np.float32)
+    if self.crop_kinds:
+      out["crops"] = crops
     return out
 
   def identity(self, rec, index) -> dict[str, np.ndarray]:
@@ -293,11 +353,20 @@ class _Reader:
   def expression(self, rec, index) -> np.ndarray:
     return _embedding(rec, self.exp_field, self.exp_dim, self.where(index))
 
-  def image(self, rec, index) -> np.ndarray:
+  def image_and_crops(self, rec, index) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The resized image and its ``crop_fields`` transforms, rescaled to it."""
     w = self.where(index)
-    return decode_image_uint8(
-      _field(rec, self.image_field, w), self.size, source=f"{w} field {self.image_field!r}"
+    native = decode_image_native(
+      _field(rec, self.image_field, w), source=f"{w} field {self.image_field!r}"
     )
+    crops = {}
+    for kind in self.crop_kinds:
+      name = CROP_PREFIX + kind
+      try:
+        crops[kind] = rescale_crop(_field(rec, name, w), native.shape[:2], self.size)
+      except RecordError as e:
+        raise RecordError(f"{w} field {name!r}: {e}") from None
+    return resize_image(native, self.size), crops
 
 
 def _triplet(
@@ -319,10 +388,13 @@ def _triplet(
   out["exp"] = reader.expression(cache[c], c)
   out["src"] = {"bkg": np.int32(a), "id": np.int32(b), "exp": np.int32(c)}
   if source_images:
-    out["id_image"] = out["bkg_image"] if b == a else reader.image(cache[b], b)
-    out["exp_image"] = (
-      out["bkg_image"] if c == a else out["id_image"] if c == b else reader.image(cache[c], c)
-    )
+    images = {a: (out["bkg_image"], out.get("crops", {}))}
+    for key, i in (("id", b), ("exp", c)):
+      if i not in images:
+        images[i] = reader.image_and_crops(cache[i], i)
+      out[f"{key}_image"] = images[i][0]
+      if reader.crop_kinds:
+        out[f"{key}_crops"] = images[i][1]
   return out
 
 

@@ -86,6 +86,9 @@ def test_counts_and_manifest(exported):
   assert m.fields["exp_fer"].version == "fer/emotion_model.hdf5"
   assert m.fields["mask"].shape == [SIZE, SIZE] and m.fields["mask_small"].dtype == "uint8"
   m.check_fields({"image": None, "mask": None, "id_dlib": 128, "exp_fer": 7})
+  # the transforms of the crops the encoders read (mask68* read the image itself)
+  assert sorted(f for f in m.fields if f.startswith("crop_")) == ["crop_dlib150", "crop_fer64"]
+  assert m.fields["crop_dlib150"].shape == [2, 3] and m.fields["crop_fer64"].dtype == "float32"
   assert [r["key"] for r in recs] == [f"face{i}.png" for i in range(6)] + ["sub/tom.png"]
 
 
@@ -108,6 +111,9 @@ def test_records_match_encoders(exported, input_folder):
       r["exp_fer"], fer_enc.encode(res.crops["fer64"].image[None])["exp_fer"][0], atol=1e-6
     )
     assert r["id_dlib"].dtype == np.float32 and r["mask"].dtype == np.uint8
+    for kind in ("dlib150", "fer64"):  # image -> crop transforms carry the landmarks
+      lm = faces.apply_affine(r[f"crop_{kind}"].astype(np.float64), r["landmarks"])
+      np.testing.assert_allclose(lm, res.crops[kind].landmarks, atol=2e-3)
 
 
 class Crash(RuntimeError):

@@ -11,9 +11,10 @@ An encoder is one class::
 
 ``prepare(face)`` turns one ``faces.FaceResult`` into the per-example input (by
 default the crop named by ``crop``); ``__call__`` maps a stacked batch of those to
-``{field: array (B, *shape)}``. Encoders whose weights the user supplies name the
-``--weights`` keys they need in ``weight_keys``; a missing file is a
-``WeightsError`` naming the key and path.
+``{field: array (B, *shape)}``; ``crop_transforms(face)`` gives the 2x3 original ->
+input matrix of each of its ``crop_kinds()`` (the exporter stores them). Encoders
+whose weights the user supplies name the ``--weights`` keys they need in
+``weight_keys``; a missing file is a ``WeightsError`` naming the key and path.
 
 Built-in encoders live in submodules imported on first use, so importing this
 package needs neither torch nor dlib.
@@ -89,6 +90,26 @@ class Encoder:
         f"did not make (it made {sorted(face.crops)})"
       )
     return face.crops[self.crop].image
+
+  def crop_kinds(self) -> tuple[str, ...]:
+    """Crops of this encoder whose transform the exporter stores as ``crop_<kind>``:
+    the aligner crop it reads, unless that is the dataset image itself."""
+    return () if self.crop in (None, "image") else (self.crop,)
+
+  def crop_transforms(self, face) -> dict[str, np.ndarray]:
+    """``crop_kinds`` -> 2x3 matrix mapping original-image pixels to this encoder's
+    input pixels (cv2.warpAffine convention). Encoders that cut their own input
+    (``crop = None``) override this and ``crop_kinds``."""
+    out = {}
+    for kind in self.crop_kinds():
+      c = face.crops.get(kind)
+      if c is None or c.matrix is None:
+        raise KeyError(
+          f"encoder {self.name!r} needs the transform of crop {kind!r}, which the "
+          f"aligner did not make (it made {sorted(face.crops)})"
+        )
+      out[kind] = np.asarray(c.matrix, np.float64)
+    return out
 
   def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
     raise TypeError(f"{type(self).__name__} does not define __call__")

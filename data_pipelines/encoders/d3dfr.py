@@ -129,6 +129,26 @@ def pos(xp: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, float]:
   return np.array([k[3], k[7]]), float(s)
 
 
+def align_geometry(
+  image_shape: tuple[int, ...],
+  lm68: np.ndarray,
+  lm3d5: np.ndarray,
+  target_size: int = 224,
+  rescale_factor: float = 102.0,
+) -> tuple[int, int, int, int]:
+  """D3DFR ``align_img``'s resize and window: (w, h, left, up) of the rescaled image
+  and of the ``target_size`` window cut from it."""
+  h0, w0 = image_shape[:2]
+  lm = five_points_d3dfr(lm68).copy()
+  lm[:, 1] = h0 - 1 - lm[:, 1]  # D3DFR flips y before the fit
+  t, s = pos(lm, lm3d5)
+  s = rescale_factor / s
+  w, h = int(w0 * s), int(h0 * s)
+  left = int(w / 2 - target_size / 2 + (t[0] - w0 / 2) * s)
+  up = int(h / 2 - target_size / 2 + (h0 / 2 - t[1]) * s)
+  return w, h, left, up
+
+
 def align(
   image: np.ndarray,
   lm68: np.ndarray,
@@ -137,16 +157,27 @@ def align(
   rescale_factor: float = 102.0,
 ) -> np.ndarray:
   """D3DFR ``align_img``: 224x224 RGB uint8 crop (zeros outside the image)."""
-  h0, w0 = image.shape[:2]
-  lm = five_points_d3dfr(lm68).copy()
-  lm[:, 1] = h0 - 1 - lm[:, 1]  # D3DFR flips y before the fit
-  t, s = pos(lm, lm3d5)
-  s = rescale_factor / s
-  w, h = int(w0 * s), int(h0 * s)
-  left = int(w / 2 - target_size / 2 + (t[0] - w0 / 2) * s)
-  up = int(h / 2 - target_size / 2 + (h0 / 2 - t[1]) * s)
+  w, h, left, up = align_geometry(image.shape, lm68, lm3d5, target_size, rescale_factor)
   img = Image.fromarray(image).resize((w, h), resample=Image.BICUBIC)
   return np.asarray(img.crop((left, up, left + target_size, up + target_size)).convert("RGB"))
+
+
+def align_matrix(
+  image_shape: tuple[int, ...],
+  lm68: np.ndarray,
+  lm3d5: np.ndarray,
+  target_size: int = 224,
+  rescale_factor: float = 102.0,
+) -> np.ndarray:
+  """2x3 matrix, original pixels -> ``align``'s crop pixels (pixel centres at integers).
+
+  PIL's resize from w0 to w puts output pixel x at input (x + 0.5) w0/w - 0.5, so
+  x_crop = (x + 0.5) w/w0 - 0.5 - left (and likewise in y with h/h0, up).
+  """
+  h0, w0 = image_shape[:2]
+  w, h, left, up = align_geometry(image_shape, lm68, lm3d5, target_size, rescale_factor)
+  sx, sy = w / w0, h / h0
+  return np.array([[sx, 0.0, 0.5 * sx - 0.5 - left], [0.0, sy, 0.5 * sy - 0.5 - up]])
 
 
 @register("d3dfr")
@@ -173,6 +204,14 @@ class D3DFR(Encoder):
     if face.source is None:
       raise KeyError("encoder 'd3dfr' needs the original image (FaceResult.source)")
     return align(face.source, face.landmarks68, self.lm3d)
+
+  def crop_kinds(self) -> tuple[str, ...]:
+    return ("d3dfr224",)
+
+  def crop_transforms(self, face) -> dict[str, np.ndarray]:
+    if face.source is None:
+      raise KeyError("encoder 'd3dfr' needs the original image (FaceResult.source)")
+    return {"d3dfr224": align_matrix(face.source.shape, face.landmarks68, self.lm3d)}
 
   def __call__(self, batch):
     if batch.ndim != 4 or batch.shape[1:] != (224, 224, 3):
