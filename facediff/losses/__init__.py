@@ -1,0 +1,1 @@
+"""Training losses as pure functions over params and batches (eps MSE, identity, LPIPS, ...)."""
