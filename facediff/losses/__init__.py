@@ -1,1 +1,1 @@
-"""Pure loss functions (DiffSFSR Eq. 3-7, LPIPS) and the differentiable face crops their frozen encoders read."""
+"""Pure loss functions (DiffSFSR Eq. 3-7, LPIPS) and the face crops their encoders read."""
