@@ -1,7 +1,7 @@
 """3DMM renderer speed: BFM-size mesh, forward and forward+backward, 224 and 256 px.
 
 Builds a synthetic morphable model with the BFM's counts (35,709 vertices, 70,789
-triangles; facediff.render.synthetic), draws a batch of D3DFR coefficient vectors
+triangles; facediff.render.bfm.synthetic_bfm), draws a batch of D3DFR coefficient vectors
 (random identity/expression/texture, small pose and lighting), and times, compiled:
   * forward: coefficients -> I_3d (B, S, S, 3), mask and landmarks (renderer.render);
   * forward+backward: the gradient w.r.t. all coefficients of
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from facediff.render import coeffs, mesh, raster, renderer, synthetic
+from facediff.render import bfm, coeffs, mesh, raster, renderer
 
 BFM_VERTICES = 35_709
 BFM_TRIANGLES = 70_789
@@ -78,7 +78,7 @@ def main():
     num_vertices, num_triangles, batch, repeats, window = 5_000, None, 2, 1, 8
 
   t0 = time.perf_counter()
-  model = synthetic.synthetic_bfm(num_vertices, seed=0, num_triangles=num_triangles)
+  model = bfm.synthetic_bfm(num_vertices, seed=0, num_triangles=num_triangles)
   model = jax.tree.map(jnp.asarray, model)
   print(
     f"mesh: {model.num_vertices} vertices, {model.num_triangles} triangles "

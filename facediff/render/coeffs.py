@@ -94,11 +94,16 @@ def layout_size(layout) -> int:
   return sum(size for _, size in _layout(layout))
 
 
-def split(x: jax.Array, layout="d3dfr") -> Coeffs:
-  """Splits (..., 257) D3DFR or (..., 261) TGDM vectors into named parts."""
+def _xp(x):
+  """numpy for host arrays (data pipelines stay off the accelerator), else jax.numpy."""
+  return np if isinstance(x, (np.ndarray, np.generic)) else jnp
+
+
+def split(x: jax.Array | np.ndarray, layout="d3dfr") -> Coeffs:
+  """Splits (..., 257) D3DFR or (..., 261) TGDM vectors into named parts (views of
+  ``x``: numpy in, numpy out; jax in, jax out)."""
   fields = _layout(layout)
   total = layout_size(fields)
-  x = jnp.asarray(x)
   if x.shape[-1:] != (total,):
     raise ValueError(
       f"coefficients: last axis is {x.shape[-1:]} for layout {layout!r}, expected {total}"
@@ -107,13 +112,15 @@ def split(x: jax.Array, layout="d3dfr") -> Coeffs:
   for name, size in fields:
     parts[name] = x[..., start : start + size]
     start += size
-  parts.setdefault("gaze", jnp.zeros(x.shape[:-1] + (4,), x.dtype))
+  parts.setdefault("gaze", _xp(x).zeros(x.shape[:-1] + (4,), x.dtype))
   return Coeffs(**parts)
 
 
-def join(c: Coeffs, layout="d3dfr") -> jax.Array:
+def join(c: Coeffs, layout="d3dfr") -> jax.Array | np.ndarray:
   """Concatenates named parts into the (..., 257) or (..., 261) vector of ``layout``."""
-  return jnp.concatenate([jnp.asarray(getattr(c, name)) for name, _ in _layout(layout)], axis=-1)
+  parts = [getattr(c, name) for name, _ in _layout(layout)]
+  xp = np if all(isinstance(p, (np.ndarray, np.generic)) for p in parts) else jnp
+  return xp.concatenate(parts, axis=-1)
 
 
 def reenact(source: Coeffs, driver: Coeffs) -> Coeffs:
@@ -162,8 +169,8 @@ def window_mean(
     raise ValueError(f"fields: unknown coefficient field(s) {sorted(unknown)}")
 
   def smooth(x):
-    x = jnp.asarray(x)
-    w = jnp.asarray(window_weights(x.shape[axis], radius), x.dtype)
-    return jnp.moveaxis(jnp.tensordot(w, jnp.moveaxis(x, axis, 0), axes=1), 0, axis)
+    xp = _xp(x)
+    w = window_weights(x.shape[axis], radius).astype(x.dtype)
+    return xp.moveaxis(xp.tensordot(w, xp.moveaxis(x, axis, 0), axes=1), 0, axis)
 
   return frames.replace(**{name: smooth(getattr(frames, name)) for name in fields})

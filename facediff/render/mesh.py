@@ -36,7 +36,11 @@ _NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's eps, as in D3DFR
 
 @dataclasses.dataclass(frozen=True)
 class Camera:
-  """A pinhole camera in D3DFR's form: u = focal X / Z + center, v likewise (v up)."""
+  """A pinhole camera in D3DFR's form: u = focal X / Z + center, v likewise (v up).
+
+  A pytree of numbers, so one compiled function serves every image size; the
+  rasteriser takes the size (and the clip planes) separately, as static values.
+  """
 
   image_size: int = D3DFR_IMAGE_SIZE
   focal: float = D3DFR_FOCAL
@@ -44,6 +48,11 @@ class Camera:
   distance: float = D3DFR_CAMERA_DISTANCE
   z_near: float = D3DFR_Z_NEAR
   z_far: float = D3DFR_Z_FAR
+
+
+jax.tree_util.register_dataclass(
+  Camera, data_fields=[f.name for f in dataclasses.fields(Camera)], meta_fields=[]
+)
 
 
 def camera_for_size(image_size: int) -> Camera:

@@ -186,7 +186,7 @@ def barycentrics(fragments: Fragments, xy: jax.Array, depth: jax.Array, triangle
   """
   tid = fragments.triangle_id
   mask = tid >= 0
-  corner = triangles[jnp.maximum(tid, 0)]  # (B, H, W, 3)
+  corner = jnp.asarray(triangles)[jnp.maximum(tid, 0)]  # (B, H, W, 3)
   gather = jax.vmap(lambda values, index: values[index])
   p = gather(xy, corner)  # (B, H, W, 3, 2)
   z = gather(depth, corner)  # (B, H, W, 3)

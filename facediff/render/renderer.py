@@ -43,13 +43,20 @@ class Reconstruction:
 
 @dataclasses.dataclass(frozen=True)
 class Rendering:
-  """Attributes: image (B, H, W, 3) I_3d (0 outside the face), mask (B, H, W, 1),
-  landmarks (B, 68, 2) in the image's pixel coordinates, overflow (B,) triangles
-  larger than the rasteriser window (0 when the image is complete)."""
+  """The rendered face.
+
+  Attributes:
+    image: (B, H, W, 3) I_3d, the lit albedo; 0 outside the face.
+    mask: (B, H, W, 1) float, 1 where the face is visible.
+    landmarks: (B, 68, 2) projected keypoints in the image's pixel coordinates (col, row).
+    triangle_id: (B, H, W) int32 visible triangle per pixel, -1 for background.
+    overflow: (B,) triangles larger than the rasteriser window (0: image complete).
+  """
 
   image: Any
   mask: Any
   landmarks: Any
+  triangle_id: Any
   overflow: Any
 
 
@@ -88,17 +95,39 @@ def render(
 ) -> Rendering:
   """I_3d (TGDM Eq. 8) at ``image_size`` (224: D3DFR's camera; 256: scaled for TGDM).
 
+  ``window``: the rasteriser's per-triangle block (see facediff.render.raster); the
+  default suits a BFM-size mesh at 224-256 px; check ``Rendering.overflow``.
   ``nvdiffrast_centres`` samples pixel (r, c) at u = c + 0.5, v = S - 0.5 - r, as
   D3DFR's nvdiffrast renderer does, instead of at the landmarks' integer centres
   (u = c, v = S - 1 - r); the image then sits half a pixel off its landmarks, as in D3DFR.
   """
   camera = mesh.camera_for_size(image_size)
   rec = reconstruct(model, coeffs, camera)
+  return render_reconstruction(
+    rec, model.triangles, image_size, window, nvdiffrast_centres, camera.z_near, camera.z_far
+  )
+
+
+def render_reconstruction(
+  rec: Reconstruction,
+  triangles: jax.Array,
+  image_size: int,
+  window: int = raster.DEFAULT_WINDOW,
+  nvdiffrast_centres: bool = False,
+  z_near: float = mesh.D3DFR_Z_NEAR,
+  z_far: float = mesh.D3DFR_Z_FAR,
+) -> Rendering:
+  """Rasterises and shades a :class:`Reconstruction` made for an ``image_size`` camera
+  (the second half of :func:`render`; the size and planes are static)."""
   xy = rec.xy
   if nvdiffrast_centres:
     xy = xy + jnp.asarray([-0.5, 0.5], xy.dtype)
-  fragments = raster.rasterize(
-    xy, rec.depth, model.triangles, image_size, window, camera.z_near, camera.z_far
+  fragments = raster.rasterize(xy, rec.depth, triangles, image_size, window, z_near, z_far)
+  image, mask = raster.interpolate(fragments, xy, rec.depth, triangles, rec.colors)
+  return Rendering(
+    image=image,
+    mask=mask,
+    landmarks=rec.landmarks,
+    triangle_id=fragments.triangle_id,
+    overflow=fragments.overflow,
   )
-  image, mask = raster.interpolate(fragments, xy, rec.depth, model.triangles, rec.colors)
-  return Rendering(image=image, mask=mask, landmarks=rec.landmarks, overflow=fragments.overflow)
