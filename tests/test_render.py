@@ -59,6 +59,25 @@ def test_loader_shifts_indices_and_recentres(mat_path, model):
   np.testing.assert_array_equal(bfm.model_from_mat_dict(transposed).mean_tex, model.mean_tex)
 
 
+def test_synthetic_model_round_trips_and_is_consistent(model):
+  original = bfm.synthetic_bfm(NUM_VERTICES, seed=3)
+  for field in ("id_base", "exp_base", "tex_base", "mean_tex", "triangles", "point_buf"):
+    np.testing.assert_array_equal(getattr(model, field), getattr(original, field), field)
+  np.testing.assert_allclose(model.mean_shape, original.mean_shape, atol=1e-6)
+  # Exact counts on request; point_buf lists exactly the triangles around each vertex.
+  small = bfm.synthetic_bfm(500, seed=1, num_triangles=900)
+  assert (small.num_vertices, small.num_triangles, small.keypoints.shape) == (500, 900, (68,))
+  around = [set() for _ in range(500)]
+  for t, corners in enumerate(small.triangles):
+    for v in corners:
+      around[v].add(t)
+  for v, row in enumerate(small.point_buf):
+    assert set(row[row < 900].tolist()) == around[v]
+  # Triangles face the camera (+z): D3DFR's normal cross(v1 - v2, v2 - v3) has z > 0.
+  p = small.mean_shape[small.triangles]
+  assert np.all(np.cross(p[:, 0] - p[:, 1], p[:, 1] - p[:, 2])[:, 2] > 0)
+
+
 def test_loader_errors_name_file_and_key(mat_path, tmp_path):
   raw = {k: v for k, v in scipy.io.loadmat(mat_path).items() if not k.startswith("__")}
   missing = tmp_path / "missing.mat"
@@ -145,6 +164,10 @@ def test_window_of_radius_one_at_the_sequence_edges():
     np.testing.assert_allclose(y[4], (x[3] + x[4]) / 2, atol=1e-6)
   for field in ("identity", "texture", "gamma", "gaze"):
     np.testing.assert_array_equal(getattr(out, field), getattr(frames, field))
+  # jax arrays in: the same means (numpy in, numpy out; jax in, jax out).
+  out_jax = coeffs.window_mean(jax.tree.map(jnp.asarray, frames), radius=1)
+  assert isinstance(out_jax.expression, jax.Array)
+  np.testing.assert_allclose(out_jax.expression, out.expression, atol=1e-6)
   # Time on another axis: (batch 2, frames 3).
   seq = coeffs.split(np.random.default_rng(1).normal(size=(2, 3, 257)), "d3dfr")
   e = np.asarray(seq.expression)

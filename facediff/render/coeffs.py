@@ -169,8 +169,11 @@ def window_mean(
     raise ValueError(f"fields: unknown coefficient field(s) {sorted(unknown)}")
 
   def smooth(x):
-    xp = _xp(x)
     w = window_weights(x.shape[axis], radius).astype(x.dtype)
-    return xp.moveaxis(xp.tensordot(w, xp.moveaxis(x, axis, 0), axes=1), 0, axis)
+    if _xp(x) is np:
+      return np.moveaxis(np.tensordot(w, np.moveaxis(x, axis, 0), axes=1), 0, axis)
+    frames = jnp.moveaxis(x, axis, 0)
+    mean = jnp.tensordot(w, frames, axes=1, precision=jax.lax.Precision.HIGHEST)
+    return jnp.moveaxis(mean, 0, axis)
 
   return frames.replace(**{name: smooth(getattr(frames, name)) for name in fields})

@@ -32,6 +32,9 @@ D3DFR_Z_FAR = 15.0
 # D3DFR's default illumination, added to gamma's 9 bands of each colour.
 INIT_LIGHT = (0.8, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
 _NORMALIZE_EPS = 1e-12  # torch.nn.functional.normalize's eps, as in D3DFR
+# Full float32 products even where the backend defaults to lower-precision matmuls
+# (TF32 on GPUs): a 1e-3 relative error in the shape would move pixels.
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,13 +70,15 @@ def camera_for_size(image_size: int) -> Camera:
 
 def face_shape(model: MorphableModel, identity: jax.Array, expression: jax.Array) -> jax.Array:
   """TGDM Eq. 7 / D3DFR ``compute_shape``: S = mean + B_id alpha + B_exp beta, (B, N, 3)."""
-  offsets = identity @ model.id_base.T + expression @ model.exp_base.T
+  offsets = jnp.matmul(identity, model.id_base.T, precision=_HIGHEST) + jnp.matmul(
+    expression, model.exp_base.T, precision=_HIGHEST
+  )
   return model.mean_shape + offsets.reshape(offsets.shape[:-1] + (-1, 3))
 
 
 def face_albedo(model: MorphableModel, texture: jax.Array) -> jax.Array:
   """TGDM Eq. 7 / D3DFR ``compute_texture``: T = (mean + B_t delta) / 255, (B, N, 3)."""
-  tex = texture @ model.tex_base.T
+  tex = jnp.matmul(texture, model.tex_base.T, precision=_HIGHEST)
   return (model.mean_tex + tex.reshape(tex.shape[:-1] + (-1, 3))) / 255.0
 
 
@@ -119,12 +124,17 @@ def rotation_matrix(angle: jax.Array) -> jax.Array:
   rx = mat([[one, zero, zero], [zero, cx, -sx], [zero, sx, cx]])
   ry = mat([[cy, zero, sy], [zero, one, zero], [-sy, zero, cy]])
   rz = mat([[cz, -sz, zero], [sz, cz, zero], [zero, zero, one]])
-  return rz @ ry @ rx
+  return jnp.matmul(jnp.matmul(rz, ry, precision=_HIGHEST), rx, precision=_HIGHEST)
 
 
 def rigid_transform(points: jax.Array, rotation: jax.Array, translation: jax.Array):
   """D3DFR ``transform``: p' = R p + t for (B, N, 3) points."""
-  return jnp.einsum("...ij,...nj->...ni", rotation, points) + translation[..., None, :]
+  return rotate(points, rotation) + translation[..., None, :]
+
+
+def rotate(vectors: jax.Array, rotation: jax.Array) -> jax.Array:
+  """R v for (B, N, 3) vectors and (B, 3, 3) rotations."""
+  return jnp.einsum("...ij,...nj->...ni", rotation, vectors, precision=_HIGHEST)
 
 
 def sh_basis(normal: jax.Array) -> jax.Array:
@@ -165,7 +175,7 @@ def shade(albedo: jax.Array, normal: jax.Array, gamma: jax.Array) -> jax.Array:
   ``normal`` are the rotated unit vertex normals (B, N, 3).
   """
   lights = gamma.reshape(gamma.shape[:-1] + (3, 9)) + jnp.asarray(INIT_LIGHT, gamma.dtype)
-  irradiance = jnp.einsum("...nk,...ck->...nc", sh_basis(normal), lights)
+  irradiance = jnp.einsum("...nk,...ck->...nc", sh_basis(normal), lights, precision=_HIGHEST)
   return irradiance * albedo
 
 

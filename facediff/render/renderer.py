@@ -73,7 +73,7 @@ def reconstruct(model: MorphableModel, coeffs: Coeffs, camera: mesh.Camera) -> R
   posed = mesh.rigid_transform(shape, rotation, coeffs.translation)
   albedo = mesh.face_albedo(model, coeffs.texture)
   # D3DFR lights the unposed shape's normals after rotating them with the pose.
-  normal = jnp.einsum("...ij,...nj->...ni", rotation, mesh.normals(model, shape))
+  normal = mesh.rotate(mesh.normals(model, shape), rotation)
   uv = mesh.project(posed, camera)
   return Reconstruction(
     vertices=posed,
