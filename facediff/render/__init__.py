@@ -17,7 +17,13 @@ from facediff.render.bfm import MorphableModel, load_bfm, save_bfm_mat, syntheti
 from facediff.render.coeffs import Coeffs, join, reenact, split, swap, window_mean
 from facediff.render.mesh import Camera, camera_for_size
 from facediff.render.raster import Fragments, interpolate, rasterize
-from facediff.render.renderer import Reconstruction, Rendering, reconstruct, render
+from facediff.render.renderer import (
+  Reconstruction,
+  Rendering,
+  reconstruct,
+  render,
+  render_reconstruction,
+)
 
 __all__ = [
   "Camera",
@@ -34,6 +40,7 @@ __all__ = [
   "reconstruct",
   "reenact",
   "render",
+  "render_reconstruction",
   "save_bfm_mat",
   "split",
   "swap",

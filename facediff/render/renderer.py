@@ -81,7 +81,7 @@ def reconstruct(model: MorphableModel, coeffs: Coeffs, camera: mesh.Camera) -> R
     depth=camera.distance - posed[..., 2],
     albedo=albedo,
     colors=mesh.shade(albedo, normal, coeffs.gamma),
-    landmarks=mesh.to_pixels(uv[..., model.keypoints, :], camera),
+    landmarks=mesh.landmarks(model, posed, camera),
   )
 
 
