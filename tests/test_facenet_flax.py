@@ -9,6 +9,7 @@ perturbed, so every layer's statistics matter and activations stay O(1).
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -271,6 +272,23 @@ def test_dln_matches_torch_dln():
 @pytest.mark.slow
 def test_dln_full_network_matches_torch_dln():
   _check_dln((5, 10, 5), batch=2, seed=5)
+
+
+def test_params_carry_logical_axes_and_shard():
+  """Every parameter names its axes (conv_*, mlp/embed, norm), so the partitioning rules
+  place it: the 1792 -> 512 projection splits over fsdp, BatchNorm vectors replicate."""
+  from facediff import partitioning
+
+  abstract = dln.abstract_params(dln.DLNConfig(branch=facenet.FaceNetConfig(repeats=SMALL)))
+  leaves = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+  assert all(len(x.names) == len(x.value.shape) for x in leaves)
+  mesh = partitioning.make_mesh({"data": 1, "fsdp": -1})
+  specs = partitioning.param_specs(abstract, mesh)
+  head = specs["face"]["last_linear"]["kernel"]
+  assert head == jax.sharding.PartitionSpec("fsdp", None)  # (1792 'mlp', 512 'embed')
+  assert specs["id"]["conv2d_1a"]["bn"]["var"] == jax.sharding.PartitionSpec(None)
+  assert specs["proj"]["kernel"] == jax.sharding.PartitionSpec("fsdp", None)
 
 
 # ----------------------------------------------------------------------------- converter

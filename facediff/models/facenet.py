@@ -53,8 +53,10 @@ class FaceNetConfig:
   dtype: str = "float32"
 
   def __post_init__(self):
-    if len(self.repeats) != 3 or any(int(r) < 1 for r in self.repeats):
+    repeats = tuple(int(r) for r in self.repeats)
+    if len(repeats) != 3 or min(repeats) < 1:
       raise ValueError(f"FaceNetConfig.repeats must be three positive ints, got {self.repeats}")
+    object.__setattr__(self, "repeats", repeats)  # hashable even when given a list
 
 
 # ----------------------------------------------------------------------------- equations
