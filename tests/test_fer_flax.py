@@ -88,8 +88,10 @@ def keras_job(inputs, tmp_path_factory, request):
   # Keras compiles one XLA program per weight initialiser while it builds the model
   # (~20 s of CPU); a persistent XLA cache in pytest's cache folder skips that on
   # later runs. It stores compiled programs only, so results are unchanged.
+  cache = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
+  cache_dir = cache.mkdir("fer_keras_xla") if cache else tmp_path_factory.mktemp("xla")
   env.update(
-    JAX_COMPILATION_CACHE_DIR=str(request.config.cache.mkdir("fer_keras_xla")),
+    JAX_COMPILATION_CACHE_DIR=str(cache_dir),
     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
   )
