@@ -43,3 +43,45 @@ def logging(**overrides) -> ml_collections.ConfigDict:
   fields = dict(log_every=10, level="INFO")
   fields.update(overrides)
   return ml_collections.ConfigDict(fields)
+
+
+def optim(**overrides) -> ml_collections.ConfigDict:
+  """AdamW with global-norm clipping and a warm-up / constant / linear-decay learning
+  rate (facediff.train.optim): ``constant_steps=None`` keeps the rate constant after
+  the warm-up; with ``constant_steps`` and ``decay_steps`` it then decays to ``end_lr``."""
+  fields = dict(
+    lr=1e-4,
+    end_lr=0.0,
+    warmup_steps=0,
+    constant_steps=None,
+    decay_steps=0,
+    b1=0.9,
+    b2=0.999,
+    eps=1e-8,
+    weight_decay=1e-2,
+    max_grad_norm=1.0,
+  )
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
+
+
+def train(**overrides) -> ml_collections.ConfigDict:
+  """The loop's schedule (facediff.train.loop): steps, micro-batches, how often to log,
+  checkpoint (async, keep the last ``keep_checkpoints``, optionally the best by
+  ``keep_best_metric``), sample previews and evaluate; ``profile_steps=[a, b]`` traces
+  steps a..b for TensorBoard/XProf."""
+  fields = dict(
+    num_steps=1000,
+    seed=0,
+    grad_accum_steps=1,
+    log_every=10,
+    checkpoint_every=500,
+    keep_checkpoints=3,
+    keep_best_metric="",
+    sample_every=500,
+    eval_every=0,
+    profile_steps=[],
+    async_checkpointing=True,
+  )
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)

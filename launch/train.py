@@ -23,6 +23,8 @@ from typing import Sequence
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from launch import runner
+
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config (``configs/<model>.py:<variant>``).", lock_config=True
 )
@@ -54,43 +56,8 @@ def init_distributed() -> None:
     jax.distributed.initialize()
 
 
-def build_task(config):
-  name = config.model.name
-  if name == "diffsfsr":
-    from facediff.train import diffsfsr_task  # noqa: PLC0415
-
-    return diffsfsr_task.make_task(config)
-  raise ValueError(f"config.model.name={name!r}: unknown model (known: diffsfsr)")
-
-
-def run(config, workdir: str) -> dict:
-  import jax  # noqa: PLC0415
-
-  from data_pipelines import loaders  # noqa: PLC0415
-  from facediff import partitioning  # noqa: PLC0415
-  from facediff.train import train_and_evaluate  # noqa: PLC0415
-
-  os.makedirs(workdir, exist_ok=True)
-  if not config.data.path:
-    from data_pipelines import demo  # noqa: PLC0415
-
-    data_dir = os.path.join(workdir, "data")
-    if jax.process_index() == 0:
-      d = config.demo
-      demo.build(data_dir, num=d.num, seed=d.seed, image_size=d.image_size, shard_size=d.shard_size)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # noqa: PLC0415
-
-      multihost_utils.sync_global_devices("demo dataset built")
-    with config.unlocked():
-      config.data.path = data_dir
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  task = build_task(config)  # config errors surface here, before any data or compile
-  mesh = partitioning.make_mesh(dict(config.mesh))
-  train_iter = loaders.make_train_iterator(config, mesh)
-  return train_and_evaluate(config, workdir, task, train_iter, mesh=mesh)
+build_task = runner.build_task
+run = runner.run
 
 
 def main(argv: Sequence[str]) -> None:

@@ -22,21 +22,43 @@ from facediff.train import diffsfsr_task
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _cfg():
-  c = diffsfsr_config.get_config("tiny")
-  c.data.image_size = 16
+def _cfg(variant="tiny", size=16):
+  c = diffsfsr_config.get_config(variant)
+  c.data.image_size = size
   return c
 
 
-def _batch(b=2, s=16, seed=0):
+CROP_SIDES = {"dlib150": 150, "fer64": 64, "arcface112": 112, "facenet160": 160}
+
+
+def _crops(kinds, b, s, rng):
+  """A face-centred similarity per crop kind (image pixels -> crop pixels)."""
+  out = {}
+  for kind in kinds:
+    side = CROP_SIDES[kind]
+    scale = side / (0.6 * s) * rng.uniform(0.95, 1.05, b)
+    m = np.zeros((b, 2, 3), np.float32)
+    m[:, 0, 0] = m[:, 1, 1] = scale
+    m[:, :, 2] = (side / 2 - scale * s / 2)[:, None]
+    out[kind] = jnp.asarray(m)
+  return out
+
+
+def _batch(b=2, s=16, seed=0, config=None):
+  config = config or _cfg(size=s)
   rng = np.random.default_rng(seed)
   mask = np.zeros((b, s, s, 1), np.float32)
-  mask[:, 4:12, 4:12] = 1
+  mask[:, s // 4 : 3 * s // 4, s // 4 : 3 * s // 4] = 1
+  d = config.data
   return {
     "bkg_image": jnp.asarray(rng.uniform(-1, 1, (b, s, s, 3)), jnp.float32),
     "bkg_mask": jnp.asarray(mask),
-    "id": {"id_dlib": jnp.asarray(rng.normal(size=(b, 128)), jnp.float32)},
-    "exp": jnp.asarray(rng.normal(size=(b, 7)), jnp.float32),
+    "id": {
+      f: jnp.asarray(rng.normal(size=(b, n)), jnp.float32)
+      for f, n in zip(d.id_fields, d.id_dims, strict=True)
+    },
+    "exp": jnp.asarray(rng.uniform(0, 1, (b, d.exp_dim)), jnp.float32),
+    "crops": _crops(d.crop_fields, b, s, rng),
   }
 
 
@@ -131,29 +153,245 @@ def test_loss_with_zero_lambdas_equals_ldm_only_and_estimator_is_improved_midpoi
     loss_lib.diffsfsr_loss(eps_fn, sched, z0, cond, rng, estimator="two_step")
 
 
-def test_task_step_gradients_reach_the_condition_mlps():
-  config = _cfg()
-  task = diffsfsr_task.make_task(config)
+def _task_grads(config, batch, key=1):
   import flax.linen as nn
 
+  task = diffsfsr_task.make_task(config)
   params = nn.unbox(task.init(jax.random.key(0)))
-  grads = jax.grad(lambda p: task.loss_fn(p, None, _batch(), jax.random.key(1), {})[0])(params)
-  for name in ("id_mlp_0", "exp_mlp", "unet"):
-    norm = sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(grads[name]))
-    assert np.isfinite(norm) and norm > 0, name
+
+  def f(p, frozen):
+    return task.loss_fn(p, frozen, batch, jax.random.key(key), {})
+
+  (loss, metrics), (gp, gf) = jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(
+    params, task.frozen
+  )
+  return task, params, loss, metrics, gp, gf
 
 
-def test_config_mismatch_is_named():
+def _norm(tree):
+  return sum(float(jnp.sum(jnp.asarray(g, jnp.float32) ** 2)) for g in jax.tree.leaves(tree))
+
+
+def test_zero_lambdas_give_the_ldm_gradient_written_out():
+  config = _cfg()
+  config.model.lambda_id = config.model.lambda_exp = 0.0
+  batch = _batch()
+  task, params, loss, metrics, grads, _ = _task_grads(config, batch)
+  assert task.frozen is None  # no encoder is loaded when no term needs one
+  assert set(metrics) == {"l_dm"}
+  cfg = diffsfsr_task.model_config(config)
+  sched = make_schedule("linear")
+
+  def ldm(p):  # Eq. 3 with the task's draws: rng -> (dropout key, loss key -> (t, noise))
+    _, key = jax.random.split(jax.random.key(1))
+    key_t, key_noise = jax.random.split(key)
+    z0 = batch["bkg_image"]
+    t = jax.random.randint(key_t, (2,), 0, 1000, jnp.int32)
+    noise = jax.random.normal(key_noise, z0.shape)
+    ab = sched.alphas_cumprod[t][:, None, None, None]
+    z_t = jnp.sqrt(ab) * z0 + jnp.sqrt(1 - ab) * noise
+    face = batch["bkg_mask"]
+    cond = {"bkg": z0 * (1 - face), "mask": face, "id": [batch["id"]["id_dlib"]]}
+    cond["exp"] = batch["exp"]
+    return jnp.mean((diffsfsr.apply(cfg, p, z_t, t, cond) - noise) ** 2)
+
+  want_loss, want = jax.jit(jax.value_and_grad(ldm))(params)
+  np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+  for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+    w = dict(jax.tree_util.tree_flatten_with_path(want)[0])[path]
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-7)
+
+
+def test_identity_loss_reaches_the_mlps_and_unet_not_the_encoders():
+  batch = _batch()
+  on = _cfg()
+  on.model.lambda_exp = 0.0
+  off = _cfg()
+  off.model.lambda_id = off.model.lambda_exp = 0.0
+  _, _, _, metrics, g_on, g_frozen = _task_grads(on, batch)
+  _, _, _, _, g_off, _ = _task_grads(off, batch)
+  assert set(metrics) == {"l_dm", "l_id"} and 0 < float(metrics["l_id"]) <= 2
+  diff = jax.tree.map(lambda a, b: a - b, g_on, g_off)
+  for name in ("id_mlp_0", "unet"):
+    assert _norm(diff[name]) > 0, name  # the identity term adds gradient here
+  assert set(g_frozen) == {"enc"} and _norm(g_frozen) == 0.0  # frozen: stop_gradient
+
+
+def _one_step(config):
+  from facediff import partitioning
+  from facediff.train import state as state_lib
+  from facediff.train import step as step_lib
+
+  config.data.global_batch_size = 2
+  task = diffsfsr_task.make_task(config)
+  mesh = partitioning.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
+  with partitioning.activation_rules(mesh):
+    state, shardings, tx = state_lib.create_train_state(task, config, mesh)
+    frozen, frozen_sh = state_lib.shard_frozen(task, mesh)
+    step, *_ = step_lib.make_train_step(task, tx, config, mesh, shardings, frozen_sh)
+    new, metrics = step(state, frozen, _batch(config=config))
+  assert int(new.step) == 1
+  want = {"l_dm", "l_id", "l_exp"}
+  assert want <= set(metrics), metrics.keys()
+  for k in want | {"loss", "grad_norm"}:
+    assert np.isfinite(float(metrics[k])), k
+
+
+def test_one_train_step_of_tiny():
+  _one_step(_cfg("tiny"))
+
+
+ABLATIONS = ["tiny+midpoint", "tiny+one_step", "tiny+single_id", "tiny+no_bkg"]
+
+
+@pytest.mark.parametrize("variant", ABLATIONS)
+def test_each_ablation_traces_its_loss_and_gradient(variant):
+  """Tracing only (no compile): each ablation's loss builds with every term and the
+  gradient reaches the trainable params; the compiled steps are the slow tests below."""
+  import flax.linen as nn
+
+  config = _cfg(variant)
+  task = diffsfsr_task.make_task(config)
+  params = jax.eval_shape(lambda: nn.unbox(task.init(jax.random.key(0))))
+  fn = jax.value_and_grad(
+    lambda p: task.loss_fn(p, task.frozen, _batch(config=config), jax.random.key(1), {}),
+    has_aux=True,
+  )
+  (loss, metrics), grads = jax.eval_shape(fn, params)
+  assert loss.shape == () and set(metrics) == {"l_dm", "l_id", "l_exp"}
+  assert jax.tree.structure(grads) == jax.tree.structure(params)
+  if variant.endswith("no_bkg"):
+    c = diffsfsr_task.batch_condition(_batch(config=config), ["id_dlib"], use_background=False)
+    assert float(jnp.abs(c["bkg"]).max()) == 0 and float(c["mask"].max()) == 0
+
+
+@pytest.mark.slow  # one compiled step each (the dlib and fer gradients compile for ~1 min)
+@pytest.mark.parametrize("variant", ABLATIONS)
+def test_one_train_step_of_each_ablation(variant):
+  _one_step(_cfg(variant))
+
+
+def test_variants_set_what_the_paper_ablates():
+  base = diffsfsr_config.get_config("sd14_512")
+  assert base.model.estimator == "improved_midpoint" and base.model.sample_method == "pndm"
+  assert base.data.id_fields == ["id_arcface", "id_facenet", "id_dlib"]
+  assert (base.model.lambda_id, base.model.lambda_exp) == (0.003, 0.01)
+  assert (base.optim.lr, base.optim.constant_steps, base.optim.decay_steps) == (
+    1e-5,
+    100_000,
+    100_000,
+  )
+  assert diffsfsr_config.get_config("midpoint").model.estimator == "midpoint"
+  assert diffsfsr_config.get_config("one_step").model.estimator == "one_step"
+  single = diffsfsr_config.get_config("single_id")
+  assert single.data.id_fields == ["id_arcface"] and single.data.id_dims == [512]
+  assert diffsfsr_config.get_config("no_bkg").model.use_background is False
+  with pytest.raises(ValueError, match="two_step"):
+    diffsfsr_config.get_config("tiny+two_step")
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+  import _tiny_sd
+
+  folder = tmp_path_factory.mktemp("sd") / "sd"
+  _tiny_sd.make_tiny_sd_folder(str(folder))
+  return str(folder)
+
+
+@pytest.mark.slow  # ArcFace r50, FaceNet and DLN gradients: minutes of compilation on 2 cores
+def test_sd14_512_structure_one_step_from_sd_weights(tiny_sd):
+  """sd14_512 on a tiny SD-1.x folder: SD's VAE latents, the widened pretrained UNet
+  (step 0 predicts what SD's UNet predicts), the three-encoder compound and DLN."""
+  from facediff import partitioning
+  from facediff.convert import pipeline
+  from facediff.models import unet as unet_lib
+  from facediff.train import state as state_lib
+  from facediff.train import step as step_lib
+
+  config = _cfg("sd14_512", size=16)
+  config.model.init_from = tiny_sd
+  config.model.encoder_weights = dict(
+    id_arcface="random", id_facenet="random", id_dlib="", exp_dln="random"
+  )
+  config.data.global_batch_size = 1
+  task = diffsfsr_task.make_task(config)
+  sd = pipeline.load_models(tiny_sd)
+  mesh = partitioning.make_mesh({"data": 1, "fsdp": 1}, devices=jax.devices()[:1])
+  batch = _batch(b=1, config=config)
+  with partitioning.activation_rules(mesh):
+    state, shardings, tx = state_lib.create_train_state(task, config, mesh)
+    frozen, frozen_sh = state_lib.shard_frozen(task, mesh)
+    # The widened SD UNet: with zero new channels, its eps is SD's eps.
+    cfg = diffsfsr_task.model_config(config, sd)
+    z = jax.random.normal(jax.random.key(3), (1, 8, 8, 4))
+    t = jnp.array([321])
+    cond = diffsfsr_task.batch_condition(batch, config.data.id_fields)
+    cond["bkg"] = diffsfsr_task.LatentSpace("sd_vae", sd.vae_config).encode(frozen, cond["bkg"])
+    cond["mask"] = diffsfsr_task.downsample_mask(cond["mask"], 2)
+    import flax.linen as nn
+
+    ctx = diffsfsr.DiffSFSRDenoiser(cfg).apply({"params": state.params}, cond, method="context")
+    got = diffsfsr.apply(cfg, state.params, z, t, cond)
+    sd_cfg = sd.unet_config.replace(dtype=cfg.unet.dtype)
+    want = unet_lib.UNet2DConditionModel(sd_cfg).apply(
+      {"params": nn.unbox(sd.params["unet"])}, z, t, ctx
+    )
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-2)  # bf16 compute
+    step, *_ = step_lib.make_train_step(task, tx, config, mesh, shardings, frozen_sh)
+    new, metrics = step(state, frozen, batch)
+  assert set(frozen) == {"vae", "enc"} and set(frozen["enc"]) == {
+    "id_arcface",
+    "id_facenet",
+    "id_dlib",
+    "exp_dln",
+  }
+  for k in ("l_dm", "l_id", "l_exp", "loss"):
+    assert np.isfinite(float(metrics[k])), k
+  assert int(new.step) == 1
+
+
+def test_config_errors_are_named():
   config = _cfg()
   config.data.id_dims = [128, 512]
   with pytest.raises(ValueError, match="id_dims"):
     diffsfsr_task.make_task(config)
+  config = _cfg()
+  config.data.id_dims = [64]
+  with pytest.raises(ValueError, match="'id_dlib' has size 64.*gives 128"):
+    diffsfsr_task.make_task(config)
+  config = _cfg()
+  config.data.crop_fields = ["dlib150"]
+  with pytest.raises(ValueError, match="crop_fields.*'fer64'"):
+    diffsfsr_task.make_task(config)
+  config = _cfg("sd14_512")
+  with pytest.raises(ValueError, match="init_from"):
+    diffsfsr_task.make_task(config)
+
+
+def test_manifest_mismatch_fails_before_compiling(tmp_path):
+  from data_pipelines.records import RecordError
+  from launch import train as train_launch
+
+  data = tmp_path / "data"
+  fake_shards.write_dataset(
+    str(data), 8, image_size=16, latent_shape=None, embeddings={"id_dlib": 64, "exp_fer": 7}
+  )
+  config = _cfg()
+  config.data.path = str(data)
+  config.model.lambda_id = config.model.lambda_exp = 0.0
+  work = tmp_path / "work"
+  with pytest.raises(RecordError, match="id_dlib.*64.*128|id_dlib.*128.*64"):
+    train_launch.run(config, str(work))
+  assert not (work / "checkpoints").exists() and not (work / "metrics.jsonl").exists()
 
 
 @pytest.mark.slow  # two subprocess runs with compilation; run with -m slow
 def test_launch_train_trains_and_resumes(tmp_path):
   data = tmp_path / "data"
-  fake_shards.write_dataset(str(data), 32, image_size=16, latent_shape=None)
+  fake_shards.write_dataset(
+    str(data), 32, image_size=16, latent_shape=None, crop_kinds=("dlib150", "fer64")
+  )
   work = tmp_path / "work"
   common = [
     sys.executable,

@@ -102,9 +102,60 @@ def _plan(task: Task, config, mesh: Mesh):
 
 
 def create_train_state(task: Task, config, mesh: Mesh):
-  """(state, shardings, tx): a freshly initialised state sharded on ``mesh``."""
-  init, key, _, shardings, tx = _plan(task, config, mesh)
-  return jax.jit(init, out_shardings=shardings)(key), shardings, tx
+  """(state, shardings, tx): a freshly initialised state sharded on ``mesh``, with the
+  task's ``pretrained`` params (if any) in place of the random ones."""
+  init, key, abstract, shardings, tx = _plan(task, config, mesh)
+  if task.pretrained is None:
+    return jax.jit(init, out_shardings=shardings)(key), shardings, tx
+  placed = place_pretrained(task.pretrained(), abstract.params, shardings.params)
+  use_ema = shardings.ema_params is not None
+
+  def init_from(key, placed):
+    state = init(key)
+    params = overlay(state.params, placed)
+    return state.replace(
+      params=params,
+      opt_state=tx.init(params),
+      ema_params=jax.tree.map(jnp.copy, params) if use_ema else None,
+    )
+
+  return jax.jit(init_from, out_shardings=shardings)(key, placed), shardings, tx
+
+
+def place_pretrained(
+  pretrained: Any, abstract: Any, param_shardings: Any, where: str = "params"
+) -> Any:
+  """Host arrays of a params subtree -> global arrays with the params' shardings
+  (each host reads only the slices its devices hold). Paths and shapes are checked
+  against the params tree, naming the first that does not fit."""
+  if isinstance(pretrained, dict):
+    if not isinstance(param_shardings, dict):
+      raise ValueError(f"pretrained {where}: a subtree where the params have a leaf")
+    out = {}
+    for k, v in pretrained.items():
+      if k not in param_shardings:
+        raise ValueError(
+          f"pretrained {where}/{k}: no such parameter (has {sorted(param_shardings)})"
+        )
+      out[k] = place_pretrained(v, abstract[k], param_shardings[k], f"{where}/{k}")
+    return out
+  arr = np.asarray(pretrained, np.float32)
+  if arr.shape != tuple(abstract.shape):
+    raise ValueError(
+      f"pretrained {where}: shape {arr.shape}, the model has {tuple(abstract.shape)}"
+    )
+  return jax.make_array_from_callback(arr.shape, param_shardings, lambda idx: arr[idx])
+
+
+def overlay(params: Any, pretrained: Any, where: str = "params") -> Any:
+  """``params`` with the leaves present in ``pretrained`` replaced (same shapes, see
+  ``place_pretrained``)."""
+  if isinstance(pretrained, dict):
+    return {
+      k: (overlay(v, pretrained[k], f"{where}/{k}") if k in pretrained else v)
+      for k, v in params.items()
+    }
+  return pretrained.astype(params.dtype)
 
 
 def abstract_state(task: Task, config, mesh: Mesh):

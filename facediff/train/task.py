@@ -39,6 +39,9 @@ class Task:
       checkpointed (e.g. TGDM's loss gate).
     update_model_state: optional ``(model_state, metrics) -> model_state``, applied
       inside the step after the update.
+    pretrained: optional ``() -> params subtree`` of host (numpy) arrays that replace
+      the matching freshly initialised params when a run starts without a checkpoint
+      (e.g. SD-1.4's UNet); called on every host, placed with the params' shardings.
   """
 
   name: str
@@ -49,3 +52,4 @@ class Task:
   frozen_abstract: Any = None
   init_model_state: Callable[[], dict[str, Any]] = _no_model_state
   update_model_state: Callable[[dict[str, Any], Metrics], dict[str, Any]] | None = None
+  pretrained: Callable[[], Any] | None = None
