@@ -60,18 +60,39 @@ def build_task(config):
     from facediff.train import diffsfsr_task  # noqa: PLC0415
 
     return diffsfsr_task.make_task(config)
-  raise ValueError(f"config.model.name={name!r}: unknown model (known: diffsfsr)")
+  if name == "emoa2e":
+    from facediff.train import emoa2e_task  # noqa: PLC0415
+
+    return emoa2e_task.make_task(config)
+  raise ValueError(f"config.model.name={name!r}: unknown model (known: diffsfsr, emoa2e)")
+
+
+def build_train_iterator(config, mesh):
+  """The training batches ``config.data.source`` names: "synthetic_audio" (EmoA2E's
+  in-memory set, data_pipelines/synthetic_audio.py) or the ArrayRecord shards of
+  ``config.data.path`` (the default)."""
+  import jax  # noqa: PLC0415
+
+  source = config.data.get("source", "shards")
+  if source == "synthetic_audio":
+    from data_pipelines import synthetic_audio  # noqa: PLC0415
+
+    return synthetic_audio.make_train_iterator(config, jax.process_index(), jax.process_count())
+  if source != "shards":
+    raise ValueError(f"config.data.source={source!r}: expected shards or synthetic_audio")
+  from data_pipelines import loaders  # noqa: PLC0415
+
+  return loaders.make_train_iterator(config, mesh)
 
 
 def run(config, workdir: str) -> dict:
   import jax  # noqa: PLC0415
 
-  from data_pipelines import loaders  # noqa: PLC0415
   from facediff import partitioning  # noqa: PLC0415
   from facediff.train import train_and_evaluate  # noqa: PLC0415
 
   os.makedirs(workdir, exist_ok=True)
-  if not config.data.path:
+  if not config.data.path and config.data.get("source", "shards") == "shards":
     from data_pipelines import demo  # noqa: PLC0415
 
     data_dir = os.path.join(workdir, "data")
@@ -89,7 +110,7 @@ def run(config, workdir: str) -> dict:
       f.write(config.to_json_best_effort(indent=2))
   task = build_task(config)  # config errors surface here, before any data or compile
   mesh = partitioning.make_mesh(dict(config.mesh))
-  train_iter = loaders.make_train_iterator(config, mesh)
+  train_iter = build_train_iterator(config, mesh)
   return train_and_evaluate(config, workdir, task, train_iter, mesh=mesh)
 
 
