@@ -1,30 +1,56 @@
-"""Flag-free training entry: the task registry and ``run`` (used by ``launch.train``,
-``launch.main`` and tests)."""
+"""Flag-free training entry: the task registry, the training batches and ``run`` (used
+by ``launch.train``, ``launch.main`` and tests)."""
 
 from __future__ import annotations
 
 import os
 
+TASKS = ("diffsfsr", "emoa2e")
+
 
 def build_task(config):
+  """The trainer ``Task`` that ``config.model.name`` names."""
   name = config.model.name
   if name == "diffsfsr":
     from facediff.train import diffsfsr_task  # noqa: PLC0415
 
     return diffsfsr_task.make_task(config)
-  raise ValueError(f"config.model.name={name!r}: unknown model (known: diffsfsr)")
+  if name == "emoa2e":
+    from facediff.train import emoa2e_task  # noqa: PLC0415
+
+    return emoa2e_task.make_task(config)
+  raise ValueError(f"config.model.name={name!r}: unknown model (known: {', '.join(TASKS)})")
+
+
+def build_train_iterator(config, mesh):
+  """The training batches ``config.data.source`` names: "synthetic_audio" (EmoA2E's
+  in-memory set, data_pipelines/synthetic_audio.py) or the ArrayRecord shards of
+  ``config.data.path`` (the default)."""
+  import jax  # noqa: PLC0415
+
+  source = config.data.get("source", "shards")
+  if source == "synthetic_audio":
+    from data_pipelines import synthetic_audio  # noqa: PLC0415
+
+    return synthetic_audio.make_train_iterator(config, jax.process_index(), jax.process_count())
+  if source != "shards":
+    raise ValueError(f"config.data.source={source!r}: expected shards or synthetic_audio")
+  from data_pipelines import loaders  # noqa: PLC0415
+
+  return loaders.make_train_iterator(config, mesh)
 
 
 def run(config, workdir: str, task=None) -> dict:
-  """Trains ``config`` in ``workdir`` (resuming); ``task`` defaults to ``build_task``."""
+  """Trains ``config`` in ``workdir`` (resuming); ``task`` defaults to ``build_task``.
+  With an empty ``config.data.path`` (shards) the demo dataset is built into
+  ``workdir/data`` first."""
   import jax  # noqa: PLC0415
 
-  from data_pipelines import loaders  # noqa: PLC0415
   from facediff import partitioning  # noqa: PLC0415
   from facediff.train import train_and_evaluate  # noqa: PLC0415
 
   os.makedirs(workdir, exist_ok=True)
-  if not config.data.path:
+  if not config.data.get("path") and config.data.get("source", "shards") == "shards":
     from data_pipelines import demo  # noqa: PLC0415
 
     data_dir = os.path.join(workdir, "data")
@@ -43,5 +69,5 @@ def run(config, workdir: str, task=None) -> dict:
   if task is None:
     task = build_task(config)  # config errors surface here, before any data or compile
   mesh = partitioning.make_mesh(dict(config.mesh))
-  train_iter = loaders.make_train_iterator(config, mesh)
+  train_iter = build_train_iterator(config, mesh)
   return train_and_evaluate(config, workdir, task, train_iter, mesh=mesh)

@@ -371,7 +371,7 @@ def test_config_errors_are_named():
 
 def test_manifest_mismatch_fails_before_compiling(tmp_path):
   from data_pipelines.records import RecordError
-  from launch import train as train_launch
+  from launch import runner
 
   data = tmp_path / "data"
   fake_shards.write_dataset(
@@ -382,7 +382,7 @@ def test_manifest_mismatch_fails_before_compiling(tmp_path):
   config.model.lambda_id = config.model.lambda_exp = 0.0
   work = tmp_path / "work"
   with pytest.raises(RecordError, match="id_dlib.*64.*128|id_dlib.*128.*64"):
-    train_launch.run(config, str(work))
+    runner.run(config, str(work))
   assert not (work / "checkpoints").exists() and not (work / "metrics.jsonl").exists()
 
 

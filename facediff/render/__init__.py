@@ -14,7 +14,7 @@ I_3d = R(S, T, gamma, p) (TGDM Eq. 8) in Deep3DFaceRecon's conventions (FACTS.md
 """
 
 from facediff.render.bfm import MorphableModel, load_bfm, save_bfm_mat, synthetic_bfm
-from facediff.render.coeffs import Coeffs, join, reenact, split, swap, window_mean
+from facediff.render.coeffs import Coeffs, drive_video, join, reenact, split, swap, window_mean
 from facediff.render.mesh import Camera, camera_for_size
 from facediff.render.raster import Fragments, interpolate, rasterize
 from facediff.render.renderer import (
@@ -33,6 +33,7 @@ __all__ = [
   "Reconstruction",
   "Rendering",
   "camera_for_size",
+  "drive_video",
   "interpolate",
   "join",
   "load_bfm",

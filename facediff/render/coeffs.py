@@ -12,7 +12,8 @@ Layouts (FACTS.md "Deep3DFaceRecon (D3DFR) conventions"; TGDM Eq. 6):
 no gaze: ``split(x, D3DFR)`` gives zeros, and ``join(c, D3DFR)`` drops it.
 
 The recombinations of TGDM section 4.2 and 4.4: :func:`reenact` (image/video driving),
-:func:`swap` (face swapping) and :func:`window_mean` (the video window of radius k).
+:func:`swap` (face swapping), :func:`window_mean` (the video window of radius k) and
+:func:`drive_video` (the two together for a driving video).
 """
 
 from __future__ import annotations
@@ -177,3 +178,22 @@ def window_mean(
     return jnp.moveaxis(mean, 0, axis)
 
   return frames.replace(**{name: smooth(getattr(frames, name)) for name in fields})
+
+
+def drive_video(source: Coeffs, drivers: Coeffs, radius: int = 1, axis: int = 0) -> Coeffs:
+  """TGDM 4.2 video driving: per frame i, the source's appearance (identity, texture,
+  illumination) with the drivers' motion, expression and pose averaged over the window
+  i-k .. i+k (:func:`window_mean`, k = ``radius``, 1 in the paper; edges use the
+  available neighbours) and gaze of frame i.
+
+  ``drivers`` has the time ``axis`` (e.g. (F, ...) or (B, F, ...)); ``source`` has the
+  same leading axes without it ((), or (B,)) and is broadcast over the frames.
+  """
+  smoothed = window_mean(drivers, radius=radius, axis=axis)
+
+  def over_frames(src, drv):
+    xp = _xp(src) if _xp(drv) is np else jnp
+    return xp.broadcast_to(xp.expand_dims(src, axis), drv.shape[:-1] + src.shape[-1:])
+
+  source = jax.tree.map(over_frames, source, drivers)
+  return reenact(source, smoothed)
