@@ -46,7 +46,7 @@ def _tiny() -> ml_collections.ConfigDict:
   # Built into <workdir>/data by launch.train when data.path is empty.
   c.demo = dict(num=240, seed=0, image_size=256, shard_size=64)
   c.data = common.data(
-    global_batch_size=8,
+    global_batch_size=4,
     image_size=64,
     id_fields=["id_dlib"],
     id_dims=[128],
@@ -83,8 +83,8 @@ def _tiny() -> ml_collections.ConfigDict:
     remat=False,
   )
   c.optim = common.optim(lr=2e-4, warmup_steps=20)
-  c.ema = dict(decay=0.999)
-  c.train = common.train(num_steps=300, checkpoint_every=100, sample_every=100)
+  c.ema = dict(decay=0.99)  # a few hundred steps: a longer average would keep the init
+  c.train = common.train(num_steps=200, checkpoint_every=100, sample_every=100)
   return c
 
 

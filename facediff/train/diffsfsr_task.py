@@ -153,10 +153,13 @@ class DiffSFSR:
   (params, frozen, batch) for the loss, sampling and evaluation. ``task()`` is what the
   trainer runs."""
 
-  def __init__(self, config):
+  def __init__(self, config, sd=None):
+    """``sd``: an SD-1.x ``SDModels`` to use instead of loading ``init_from`` (benches,
+    tests)."""
     mc = config.model
     self.config = config
-    sd = _pretrained(mc) if mc.get("init_from") else None
+    if sd is None and mc.get("init_from"):
+      sd = _pretrained(mc)
     self.sd = sd
     self.cfg = cfg = model_config(config, sd)
     self.space = LatentSpace(
