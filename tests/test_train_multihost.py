@@ -240,3 +240,42 @@ def test_sigkill_during_async_save_resumes_from_last_complete_step(tmp_path, cap
   np.testing.assert_array_equal(
     [_losses(work)[k] for k in range(1, STEPS + 1)], [_losses(ref)[k] for k in range(1, STEPS + 1)]
   )
+
+
+@pytest.mark.slow  # two processes training until the signal: about a minute on 2 cores
+@pytest.mark.multihost
+def test_sigterm_to_one_process_stops_every_process_at_the_same_saved_step(tmp_path):
+  """A preemption notice (SIGTERM) reaching one process of two: jax.distributed's
+  preemption service agrees on one step, both processes save it and exit cleanly."""
+  work = tmp_path / "run"
+  port = _free_port()
+  logs = [tmp_path / f"worker{i}.log" for i in range(2)]
+  procs = [
+    _start(
+      work,
+      logs[i],
+      *("--num_steps", 100000, "--checkpoint_every", 100000, "--mesh", "2,2"),
+      *("--coordinator", f"localhost:{port}", "--num_processes", 2, "--process_id", i),
+    )
+    for i in range(2)
+  ]
+  try:
+    deadline = time.monotonic() + 180
+    while "compiled train step" not in open(logs[1], errors="replace").read():
+      assert time.monotonic() < deadline and procs[1].poll() is None, _tail(logs[1])
+      time.sleep(0.2)
+    time.sleep(1.0)  # a few steps in
+    procs[1].send_signal(signal.SIGTERM)
+    for p in procs:
+      p.wait(timeout=120)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, log in zip(procs, logs, strict=True):
+    assert p.returncode == 0, _tail(log)
+  summaries = [json.load(open(work / f"summary_{i}.json")) for i in range(2)]
+  step = summaries[0]["step"]
+  assert 0 < step < 100000
+  for s in summaries:
+    assert s["preempted"] is True and s["step"] == step and s["checkpoints"] == [step]
