@@ -37,23 +37,18 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 
 
-def init_distributed() -> None:
-  """jax.distributed from flags, SLURM's environment, or TPU VM auto-detection."""
-  import jax  # noqa: PLC0415
+def init_distributed() -> dict | None:
+  """jax.distributed from flags, SLURM's environment, or TPU VM auto-detection
+  (``launch/distributed.py``); returns the arguments it was called with."""
+  from launch import distributed  # noqa: PLC0415
 
-  env = os.environ
-  coordinator = _COORDINATOR.value
-  num = _NUM_PROCESSES.value
-  pid = _PROCESS_ID.value
-  if coordinator is None and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
-    coordinator = (
-      f"{env['FACEDIFF_COORDINATOR_HOST']}:{env.get('FACEDIFF_COORDINATOR_PORT', 12355)}"
-    )
-    num, pid = int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"])
-  if coordinator is not None:
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
-  elif _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  return distributed.initialize(
+    os.environ,
+    coordinator_address=_COORDINATOR.value,
+    num_processes=_NUM_PROCESSES.value,
+    process_id=_PROCESS_ID.value,
+    auto=_DISTRIBUTED.value,
+  )
 
 
 build_task = runner.build_task

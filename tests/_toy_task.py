@@ -63,11 +63,22 @@ def records() -> list[dict[str, np.ndarray]]:
 
 
 def make_iterator(config, process_index: int = 0, process_count: int = 1, shuffle=True):
-  per_host = int(config.data.global_batch_size) // process_count
-  ds = grain.MapDataset.source(records())[process_index::process_count]
+  """Batches of ``config.data.global_batch_size`` records, the same sequence on every
+  process; process ``p`` of ``P`` keeps rows ``p*B/P .. (p+1)*B/P - 1`` of each global
+  batch: the rows ``jax.make_array_from_process_local_data`` (``loop.place_batch``) puts
+  on its devices when the mesh lists each process's devices together, as
+  ``jax.devices()`` does. So any process count trains on the same global batches."""
+  gbs = int(config.data.global_batch_size)
+  if gbs % process_count:
+    raise ValueError(f"global_batch_size={gbs} does not divide over {process_count} processes")
+  per_host = gbs // process_count
+  lo, hi = process_index * per_host, (process_index + 1) * per_host
+  ds = grain.MapDataset.source(records())
   if shuffle:
     ds = ds.shuffle(seed=int(config.data.seed))
-  ds = ds.repeat(None).batch(per_host, drop_remainder=True)
+  ds = ds.repeat(None).batch(gbs, drop_remainder=True)
+  if process_count > 1:
+    ds = ds.map(lambda b: {k: v[lo:hi] for k, v in b.items()})
   return iter(ds.to_iter_dataset())
 
 

@@ -140,6 +140,8 @@ def test_incomplete_and_corrupt_steps_are_skipped_not_deleted(tmp_path, caplog):
   assert restored is not None and restored[1] == 3
   assert os.path.isdir(ckdir / "6") and os.path.isdir(ckdir / "9.orbax-checkpoint-tmp-1234")
   assert any("checkpoint" in r.message and "6" in r.message for r in caplog.records)
+  tmp_dir = str(ckdir / "9.orbax-checkpoint-tmp-1234")
+  assert any(tmp_dir in r.getMessage() and "incomplete" in r.getMessage() for r in caplog.records)
 
 
 def test_non_finite_loss_stops_with_terms_and_keeps_last_good_checkpoint(tmp_path):

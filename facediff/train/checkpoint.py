@@ -3,10 +3,12 @@ iterator's position together (``ocp.args.Composite``).
 
 * Saves are asynchronous; ``save`` every ``checkpoint_every`` steps, keep the last
   ``keep`` (and, with ``keep_best_metric``, the best by that eval metric too).
-* Orbax writes a step to a temporary directory and renames it when complete, so a
-  process killed mid-save leaves no step that ``all_steps`` lists; restoring takes
-  the newest complete step. A step whose files turn out unreadable is skipped with a
-  warning naming its directory, never deleted.
+* Orbax writes a step to a temporary directory (``<step>.orbax-checkpoint-tmp``) and
+  renames it when complete, so a process killed mid-save leaves no step that
+  ``all_steps`` lists; restoring takes the newest complete step and warns about each
+  temporary directory it passes over (left on disk; orbax replaces it if that step is
+  saved again). A step whose files turn out unreadable is skipped with a warning
+  naming its directory, never deleted.
 * Before anything is restored or compiled, the stored parameter shapes are compared
   with the config's; a mismatch raises naming the first differing parameter path.
 * Restoring onto another mesh works: arrays are read straight into the target
@@ -24,6 +26,8 @@ import orbax.checkpoint as ocp
 from facediff.train.state import TrainState
 
 log = logging.getLogger(__name__)
+
+_TMP_SUFFIX = ocp.path.step.TMP_DIR_SUFFIX  # ".orbax-checkpoint-tmp"
 
 
 class CheckpointMismatchError(ValueError):
@@ -109,9 +113,18 @@ class Checkpointer:
           f"config builds {exp}"
         )
 
+  def incomplete(self) -> list[str]:
+    """Temporary step directories: saves that never finished (a killed process)."""
+    if not os.path.isdir(self.directory):
+      return []
+    names = os.listdir(self.directory)
+    return sorted(os.path.join(self.directory, n) for n in names if _TMP_SUFFIX in n)
+
   def restore_latest(self, abstract: TrainState, data_iter=None) -> tuple[TrainState, int] | None:
     """The newest readable complete step restored into ``abstract``'s shardings (and
     ``data_iter`` restored in place), or None if there is none."""
+    for path in self.incomplete():
+      log.warning("checkpoint %s is incomplete (its save never finished), skipped", path)
     for step in reversed(self.steps()):
       self.check_shapes(step, abstract)
       items = {"state": ocp.args.StandardRestore(abstract.as_dict())}

@@ -58,14 +58,18 @@ def place_batch(batch: Any, mesh: Mesh, global_batch_size: int) -> Any:
 
 
 class _StopSignal:
-  """SIGTERM sets a flag the loop checks once per step (main thread only)."""
+  """SIGTERM sets a flag the loop checks once per step (main thread, one process only).
+
+  With several processes SIGTERM is left to jax.distributed's preemption service: it
+  agrees on one step for every process (``Checkpointer.reached_preemption``), where a
+  flag of our own could stop each process at a different step."""
 
   def __init__(self):
     self.requested = False
     self._previous = None
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     return self
 
