@@ -5,8 +5,10 @@ written out step by step in numpy."""
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
-from facediff.models import layers
+from facediff import partitioning
+from facediff.models import layers, tgdm
 
 
 def _np(tree):
@@ -81,3 +83,103 @@ def test_adain_matches_equation_17():
   np.testing.assert_allclose(
     np.asarray(mod.apply({"params": params}, shifted, cond)), out, atol=1e-4
   )
+
+
+# ---- model ----
+
+
+def _tiny_inputs(cfg, batch=2, seed=0):
+  rng = np.random.default_rng(seed)
+  s = cfg.image_size
+  x = rng.normal(size=(batch, s, s, 3)).astype(np.float32)
+  t = np.array([3, 700][:batch], np.int32)
+  cond = {
+    "i3d": rng.uniform(-1, 1, size=(batch, s, s, 3)).astype(np.float32),
+    "source": rng.uniform(-1, 1, size=(batch, s, s, 3)).astype(np.float32),
+    "rho": rng.normal(size=(batch, cfg.rho_dim)).astype(np.float32),
+  }
+  if cfg.mode == "swap":
+    cond["id"] = rng.normal(size=(batch, cfg.id_dim)).astype(np.float32)
+    mask = np.zeros((batch, s, s, 1), np.float32)
+    mask[:, s // 4 : 3 * s // 4, s // 4 : 3 * s // 4] = 1
+    cond["source_mask"] = mask
+  return x, t, cond
+
+
+def _random_params(cfg, seed):
+  """Params of ``abstract_params``' shapes filled with U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+  kernels, small biases, AdaIN scale biases near 1 and tau = 0 (as a fresh model).
+  Compiling the real ``init_params`` takes about a minute on 2 shared cores; the
+  properties tested here hold for any weights."""
+  rng = np.random.default_rng(seed)
+
+  def fill(path, a):
+    names = [p.key for p in path]
+    if names[-1] == "tau":
+      return np.zeros(a.shape, np.float32)
+    if names[-1] == "kernel":
+      bound = 1 / np.sqrt(np.prod(a.shape[:-1]))
+      return rng.uniform(-bound, bound, a.shape).astype(np.float32)
+    base = 1.0 if names[-1] == "scale" or names[-2:] == ["scale", "bias"] else 0.0
+    return (base + 0.05 * rng.normal(size=a.shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, nn.unbox(tgdm.abstract_params(cfg)))
+
+
+def _with_tau(params, value):
+  """Every TexAtt's tau set to ``value``."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, v: np.full(v.shape, value, np.float32) if path[-1].key == "tau" else v, params
+  )
+
+
+def test_tgdm_tiny_forward_axes_and_zero_tau_ignores_the_source():
+  cfg = tgdm.TGDMConfig.tiny()
+  boxed = tgdm.abstract_params(cfg)
+  # Every parameter carries logical axis names (one per dimension), as the SD UNet's.
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+  assert all(len(x.names) == x.value.ndim for x in leaves)
+  # ... and shards by them: FSDP over 8 devices splits the 64-wide kernels, tau replicated.
+  specs = partitioning.param_specs(boxed, partitioning.make_mesh({"data": 1, "fsdp": 8}))
+  assert specs["down_3_res_0"]["conv1"]["kernel"] == P(None, None, None, "fsdp")
+  assert specs["down_3_texatt_0"]["tau"] == P()
+  params = _random_params(cfg, 0)
+  taus = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0] if p[-1].key == "tau"]
+  # 1 TexAtt per ResNet block at 1/8 and 1/16: (1 down + 2 up) x 2 levels + mid.
+  assert len(taus) == 7
+  # TexAtt at 8x8 and 4x4 on the 64-px tiny model, queries reduced to C/4.
+  assert params["down_3_texatt_0"]["query"]["kernel"].shape == (1, 1, 64, 16)
+  assert params["texture_encoder"]["conv_in"]["kernel"].shape == (3, 3, 3, 16)
+  assert params["conv_in"]["kernel"].shape == (3, 3, 6, 16)  # x_t ++ I_3d
+
+  x, t, cond = _tiny_inputs(cfg)
+  fwd = jax.jit(lambda p, c: tgdm.apply(cfg, p, x, t, c))
+  eps = np.asarray(fwd(params, cond))
+  assert eps.shape == x.shape and eps.dtype == np.float32 and np.isfinite(eps).all()
+  other = dict(cond, source=np.random.default_rng(9).uniform(-1, 1, x.shape).astype(np.float32))
+  # tau = 0 (init): the texture path adds nothing, the source image cannot matter.
+  np.testing.assert_array_equal(np.asarray(fwd(params, other)), eps)
+  # tau != 0: it does.
+  live = _with_tau(params, 0.5)
+  assert np.abs(np.asarray(fwd(live, other)) - np.asarray(fwd(live, cond))).max() > 1e-4
+  # rho (through AdaIN) and I_3d (input) always matter.
+  assert np.abs(np.asarray(fwd(params, dict(cond, rho=cond["rho"] + 1.0))) - eps).max() > 1e-4
+  assert np.abs(np.asarray(fwd(params, dict(cond, i3d=-cond["i3d"]))) - eps).max() > 1e-4
+
+
+def test_tgdm_swap_hides_the_masked_source_face():
+  cfg = tgdm.TGDMConfig.tiny(mode="swap")
+  params = _with_tau(_random_params(cfg, 1), 0.5)
+  x, t, cond = _tiny_inputs(cfg, seed=3)
+  fwd = jax.jit(lambda c: tgdm.apply(cfg, params, x, t, c))
+  eps = np.asarray(fwd(cond))
+  mask = cond["source_mask"]
+  noise = np.random.default_rng(4).uniform(-1, 1, x.shape).astype(np.float32)
+  # Pixels under the mask (the face) never reach the network ...
+  inside = dict(cond, source=cond["source"] * (1 - mask) + noise * mask)
+  np.testing.assert_array_equal(np.asarray(fwd(inside)), eps)
+  # ... the rest of the source does, and so does the identity embedding.
+  outside = dict(cond, source=cond["source"] * mask + noise * (1 - mask))
+  assert np.abs(np.asarray(fwd(outside)) - eps).max() > 1e-4
+  assert np.abs(np.asarray(fwd(dict(cond, id=cond["id"] + 1.0))) - eps).max() > 1e-4
