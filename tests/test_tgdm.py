@@ -8,7 +8,11 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from facediff import partitioning
+from facediff.diffusion import make_schedule
+from facediff.losses import tgdm as tgdm_losses
 from facediff.models import layers, tgdm
+from facediff.models import lpips as lpips_model
+from facediff.models import vgg16 as vgg16_model
 
 
 def _np(tree):
@@ -183,3 +187,67 @@ def test_tgdm_swap_hides_the_masked_source_face():
   outside = dict(cond, source=cond["source"] * mask + noise * (1 - mask))
   assert np.abs(np.asarray(fwd(outside)) - eps).max() > 1e-4
   assert np.abs(np.asarray(fwd(dict(cond, id=cond["id"] + 1.0))) - eps).max() > 1e-4
+
+
+# ---- loss ----
+
+
+def test_tgdm_loss_term_by_term_and_gate():
+  rng = np.random.default_rng(5)
+  x0 = rng.uniform(-1, 1, size=(2, 16, 16, 3)).astype(np.float32)
+  noise = rng.normal(size=x0.shape).astype(np.float32)
+  t = np.array([10, 900], np.int32)
+  shift = rng.normal(size=x0.shape).astype(np.float32) * 0.1
+  schedule = make_schedule("linear")
+  lp_cfg = lpips_model.LPIPSConfig(
+    vgg=vgg16_model.VGG16Config(stage_channels=(4, 8, 8, 8, 8), stage_depths=(1, 1, 1, 1, 1))
+  )
+  lp_params = _np(lpips_model.init_params(lp_cfg, jax.random.key(0)))
+  lp_params = jax.tree.map(np.abs, lp_params)  # non-negative heads, as the real ones
+
+  def eps_fn(x, tt, c):
+    return 0.5 * x + c["shift"]
+
+  def run(gate):
+    return tgdm_losses.tgdm_loss(
+      eps_fn,
+      schedule,
+      x0,
+      {"shift": shift},
+      None,
+      gate=gate,
+      lpips_params=lp_params,
+      lpips_config=lp_cfg,
+      t=t,
+      noise=noise,
+    )
+
+  # Step by step in float64: linear betas 1e-4 .. 0.02 over T = 1000 (DDPM / TGDM).
+  abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[t][:, None, None, None]
+  x_t = np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise  # Eq. 2
+  eps = 0.5 * x_t + shift
+  l_simple = np.mean((noise - eps) ** 2)  # Eq. 18 (MSE)
+  x0_hat = (x_t - np.sqrt(1 - abar) * eps) / np.sqrt(abar)  # Eq. 5
+  l_rec = np.mean((x0_hat - x0) ** 2)  # Eq. 19 (MSE)
+  l_p = float(
+    np.mean(lpips_model.apply_lpips(lp_cfg, lp_params, x0_hat.astype(np.float32), x0))
+  )  # Eq. 20
+
+  run = jax.jit(run)  # one program, the gate a traced value
+  loss0, m0 = run(np.int32(0))
+  loss1, m1 = run(np.int32(1))
+  for m in (m0, m1):
+    np.testing.assert_allclose(m["l_simple"], l_simple, rtol=1e-5)
+    np.testing.assert_allclose(m["l_rec"], l_rec, rtol=1e-4)
+  assert float(m0["gate"]) == 0.0 and float(m0["lpips"]) == 0.0  # LPIPS not run
+  assert float(m1["gate"]) == 1.0 and l_p > 0
+  np.testing.assert_allclose(m1["lpips"], l_p, rtol=1e-4)
+  np.testing.assert_allclose(loss0, 10 * l_simple, rtol=1e-5)  # Eq. 21, gate off
+  np.testing.assert_allclose(loss1, 10 * l_simple + l_rec + l_p, rtol=1e-4)  # gate on
+
+  # The gate (Sec. 5.1): on once the noise MSE is below the threshold, never off again.
+  gate, seen = np.int32(0), []
+  for value in (0.3, 0.06, 0.05, 0.049, 0.2, 0.01):
+    gate = tgdm_losses.update_gate(gate, value, 0.05)
+    seen.append(int(gate))
+  assert seen == [0, 0, 0, 1, 1, 1]
