@@ -6,7 +6,8 @@
 A second start with the same ``--workdir`` resumes from its newest complete checkpoint.
 The config is locked after parsing and written to ``DIR/config.json``. With an empty
 ``config.data.path`` the demo dataset is built into ``DIR/data`` first (real photos that
-ship inside installed packages, exported with the real offline encoders).
+ship inside installed packages, exported with the real offline encoders; for configs with
+a ``synthetic_3dmm`` field, TGDM's tiny ones, faces rendered from a synthetic 3DMM).
 
 Multi-host: on Cloud TPU VMs ``jax.distributed.initialize()`` needs no arguments
 (``--distributed``); on GPU clusters pass ``--coordinator_address``,
@@ -60,7 +61,11 @@ def build_task(config):
     from facediff.train import diffsfsr_task  # noqa: PLC0415
 
     return diffsfsr_task.make_task(config)
-  raise ValueError(f"config.model.name={name!r}: unknown model (known: diffsfsr)")
+  if name == "tgdm":
+    from facediff.train import tgdm_task  # noqa: PLC0415
+
+    return tgdm_task.make_task(config)
+  raise ValueError(f"config.model.name={name!r}: unknown model (known: diffsfsr, tgdm)")
 
 
 def run(config, workdir: str) -> dict:
@@ -76,8 +81,15 @@ def run(config, workdir: str) -> dict:
 
     data_dir = os.path.join(workdir, "data")
     if jax.process_index() == 0:
-      d = config.demo
-      demo.build(data_dir, num=d.num, seed=d.seed, image_size=d.image_size, shard_size=d.shard_size)
+      if "synthetic_3dmm" in config:  # TGDM's tiny configs: faces rendered from a 3DMM
+        from data_pipelines import synthetic_3dmm  # noqa: PLC0415
+
+        synthetic_3dmm.build(data_dir, **dict(config.synthetic_3dmm))
+      else:
+        d = config.demo
+        demo.build(
+          data_dir, num=d.num, seed=d.seed, image_size=d.image_size, shard_size=d.shard_size
+        )
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # noqa: PLC0415
 
