@@ -322,7 +322,7 @@ def test_synthetic_pairs_share_a_group_and_render_their_own_image(synthetic):
   )(batch)
   face = batch["bkg_mask"][..., 0] > 0  # the dataset's mask (the mouth left out)
   err = np.abs(np.asarray(cond["i3d"]) - np.asarray(target))[face]
-  assert err.mean() < 0.01 and np.quantile(err, 0.99) < 0.05  # PNG rounding, edges
+  assert err.max() <= 1.0 / 255 + 1e-6  # the PNG rounding of the stored image
   assert np.asarray(cond["rho"]).shape == (4, 261)
   np.testing.assert_array_equal(np.asarray(cond["rho"])[:, 257:], 0)  # D3DFR: no gaze
   np.testing.assert_array_equal(cond["source"], batch["source_image"])
@@ -376,3 +376,20 @@ def test_tiny_swap_trains_and_previews(synthetic, tmp_path):
   assert summary["step"] == 1 and m[1]["gate"] == 0.0 and np.isfinite(m[1]["loss"])
   assert summary["last_samples"] and os.path.exists(summary["last_samples"])
   assert summary["params_per_module"]["id_proj"] == 80 * 64 + 64  # Linear(z_id)
+
+
+def test_config_variants_build_their_models():
+  for variant in tgdm_configs.VARIANTS:
+    c = tgdm_configs.get_config(variant)
+    mc = tgdm_task.model_config(c)
+    assert mc.mode == ("swap" if "swap" in variant else "reenact")
+    assert mc.image_size // mc.downsample == (4 if variant.startswith("tiny") else 16)
+    assert [mc.image_size >> level for level in mc.texatt_levels] == (
+      [8, 4] if variant.startswith("tiny") else [32, 16]  # TexAtt at 1/8 and 1/16
+    )
+    assert c.model.schedule == "linear" and c.model.num_train_timesteps == 1000
+    assert (c.model.lambda_simple, c.model.lambda_rec, c.model.lambda_p) == (10.0, 1.0, 1.0)
+    assert c.model.gate_threshold == 0.05
+    assert bool(c.data.pair_field) == (mc.mode == "reenact")
+  with pytest.raises(ValueError, match="unknown variant"):
+    tgdm_configs.get_config("vox512")
