@@ -37,6 +37,17 @@ Config fields read (``config.data.*``; optional ones have the default shown):
 * ``crop_fields`` ([]): encoder crop kinds (``dlib150``, ``arcface112``,
   ``facenet160``, ``fer64``, ...) whose stored ``crop_<kind>`` transforms the batches
   carry, rescaled to ``image_size`` (see below).
+* ``coeff_field`` (""): 3DMM coefficient vector of each record (e.g. ``coeffs``, D3DFR's
+  257), "" for none; batches then carry ``"coeffs"`` (B, d) of the target (background)
+  record; ``coeff_dim`` (None) is checked against the manifest.
+* ``pair_field`` (""): training only. When set, each training example also carries a
+  *source* record drawn from the same group (records with equal ``pair_field``, e.g. a
+  video or an identity; another record of the group when it has one): ``"source_image"``
+  (B,S,S,3), with ``coeff_field`` also ``"source_coeffs"``, and ``src["source"]``. TGDM's
+  reenactment samples source and target from the same video (TGDM 5.1). The group of
+  every record is read from the manifest's ``extra["groups"][pair_field]`` (one value per
+  record, as data_pipelines.synthetic_3dmm writes it) or, without it, from the records
+  themselves once at start (a pass over the dataset).
 * ``num_epochs`` (None = repeat forever), ``read_threads`` (2),
   ``prefetch_buffer_size`` (2 * read_threads batches), ``num_eval`` (None = every
   record), ``eval_source_images`` (True: eval batches also carry the id/exp images).
@@ -49,7 +60,8 @@ dimension is accepted.
 A batch of the iterators is ``{"bkg_image": (B,S,S,3) float32 in [-1,1],
 "bkg_mask": (B,S,S,1) float32 in {0,1} (1 = face), "latent": (B,h,w,C) if
 configured, "id": {field: (B,d)}, "exp": (B,d), "src": {"bkg", "id", "exp"}: int32
-record indices, "crops": {kind: (B,2,3) float32} if ``crop_fields``}``; eval batches
+record indices, "crops": {kind: (B,2,3) float32} if ``crop_fields``, "coeffs": (B,d)
+if ``coeff_field``, "source_image" / "source_coeffs" with ``pair_field``}``; eval batches
 add ``"valid"`` (and ``"id_image"``, ``"exp_image"``, with ``crop_fields`` also
 ``"id_crops"``, ``"exp_crops"``). B is the global batch with a mesh, else the host
 batch. The host-level datasets (``make_train_dataset``, ``make_eval_dataset``) keep
@@ -121,6 +133,12 @@ def expected_fields(data_cfg) -> dict[str, int | None]:
     out[latent] = _get(data_cfg, "latent_channels")
   for kind in crop_kinds(data_cfg):
     out[CROP_PREFIX + kind] = 3  # (2, 3) matrices
+  coeff = _get(data_cfg, "coeff_field", "")
+  if coeff:
+    out[coeff] = _get(data_cfg, "coeff_dim")
+  pair = _get(data_cfg, "pair_field", "")
+  if pair:
+    out[pair] = None
   return out
 
 
@@ -256,7 +274,7 @@ def decode_mask(value: Any, size: int, *, source: str = "<mask>") -> np.ndarray:
   return _resize(m, size, cv2.INTER_NEAREST)[..., None]
 
 
-IMAGE_KEYS = ("bkg_image", "id_image", "exp_image")
+IMAGE_KEYS = ("bkg_image", "id_image", "exp_image", "source_image")
 MASK_KEYS = ("bkg_mask",)
 
 
@@ -316,6 +334,8 @@ class _Reader:
     self.exp_field = _require(data_cfg, "exp_field")
     self.exp_dim = _get(data_cfg, "exp_dim")
     self.latent_field = _get(data_cfg, "latent_field", "")
+    self.coeff_field = _get(data_cfg, "coeff_field", "")
+    self.coeff_dim = _get(data_cfg, "coeff_dim")
     self.crop_kinds = crop_kinds(data_cfg)
     self.source = source
     self.folder = folder
@@ -342,9 +362,14 @@ class _Reader:
     }
     if self.latent_field:
       out["latent"] = np.asarray(_field(rec, self.latent_field, w), np.float32)
+    if self.coeff_field:
+      out["coeffs"] = self.coeffs(rec, index)
     if self.crop_kinds:
       out["crops"] = crops
     return out
+
+  def coeffs(self, rec, index) -> np.ndarray:
+    return _embedding(rec, self.coeff_field, self.coeff_dim, self.where(index))
 
   def identity(self, rec, index) -> dict[str, np.ndarray]:
     w = self.where(index)
@@ -409,6 +434,60 @@ class SelfReconstruction(grain.transforms.Map):
     return _triplet(
       self.reader, i, i, i, source_images=False, cache={i: self.reader.record(i, raw)}
     )
+
+
+def group_table(data_cfg, source, manifest: records.Manifest) -> np.ndarray:
+  """(N,) group value of every record for ``data.pair_field``: from the manifest's
+  ``extra["groups"]`` when the writer stored it, else read from every record."""
+  field = _require(data_cfg, "pair_field")
+  stored = (manifest.extra.get("groups") or {}).get(field)
+  if stored is not None:
+    table = np.asarray(stored)
+    if table.shape != (len(source),):
+      raise RecordError(
+        f"{os.path.join(os.fspath(data_cfg.path), records.MANIFEST)}: extra.groups.{field} "
+        f"has {table.shape} entries for {len(source)} records"
+      )
+    return table
+  values = [records.decode_record(source[i]).get(field) for i in range(len(source))]
+  missing = [i for i, v in enumerate(values) if v is None]
+  if missing:
+    raise RecordError(f"{data_cfg.path}: record {missing[0]} has no field {field!r}")
+  return np.asarray([np.asarray(v).item() for v in values])
+
+
+class SameGroupSource(grain.transforms.MapWithIndex):
+  """Adds a source record of the same group to a self-reconstruction example (TGDM:
+  source and target from the same video). The partner is drawn from the group's other
+  records with ``np.random.default_rng((seed, stream position))``: deterministic, and
+  different from epoch to epoch."""
+
+  def __init__(self, reader: _Reader, groups: np.ndarray, seed: int):
+    self.reader = reader
+    self.seed = int(seed)
+    order = np.argsort(groups, kind="stable")
+    _, starts, counts = np.unique(groups[order], return_index=True, return_counts=True)
+    self.members = {}
+    for start, count in zip(starts, counts, strict=True):
+      ids = order[start : start + count]
+      for i in ids:
+        self.members[int(i)] = ids
+
+  def map_with_index(self, index: int, element: tuple[int, bytes]):
+    i, raw = element
+    rec = self.reader.record(i, raw)
+    out = _triplet(self.reader, i, i, i, source_images=False, cache={i: rec})
+    others = self.members[i][self.members[i] != i]
+    if len(others):
+      j = int(np.random.default_rng((self.seed, int(index))).choice(others))
+    else:
+      j = i
+    src = rec if j == i else self.reader.record(j)
+    out["source_image"] = self.reader.image_and_crops(src, j)[0]
+    if self.reader.coeff_field:
+      out["source_coeffs"] = self.reader.coeffs(src, j)
+    out["src"]["source"] = np.int32(j)
+    return out
 
 
 class _TagIndex(grain.transforms.MapWithIndex):
@@ -551,7 +630,11 @@ def make_train_dataset(
   ds = ds[:n][pi::pc]
   ds = ds.shuffle(seed=int(_require(data_cfg, "seed")))
   ds = ds.repeat(_get(data_cfg, "num_epochs"))
-  ds = ds.map(SelfReconstruction(reader))
+  if _get(data_cfg, "pair_field", ""):
+    groups = group_table(data_cfg, source, manifest)
+    ds = ds.map_with_index(SameGroupSource(reader, groups, int(_require(data_cfg, "seed"))))
+  else:
+    ds = ds.map(SelfReconstruction(reader))
   return _finish(ds, data_cfg, per_host)
 
 

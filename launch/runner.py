@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-TASKS = ("diffsfsr", "emoa2e")
+TASKS = ("diffsfsr", "tgdm", "emoa2e")
 
 
 def build_task(config):
@@ -15,6 +15,10 @@ def build_task(config):
     from facediff.train import diffsfsr_task  # noqa: PLC0415
 
     return diffsfsr_task.make_task(config)
+  if name == "tgdm":
+    from facediff.train import tgdm_task  # noqa: PLC0415
+
+    return tgdm_task.make_task(config)
   if name == "emoa2e":
     from facediff.train import emoa2e_task  # noqa: PLC0415
 
@@ -43,7 +47,7 @@ def build_train_iterator(config, mesh):
 def run(config, workdir: str, task=None) -> dict:
   """Trains ``config`` in ``workdir`` (resuming); ``task`` defaults to ``build_task``.
   With an empty ``config.data.path`` (shards) the demo dataset is built into
-  ``workdir/data`` first."""
+  ``workdir/data`` first (TGDM's tiny configs: the synthetic 3DMM set)."""
   import jax  # noqa: PLC0415
 
   from facediff import partitioning  # noqa: PLC0415
@@ -55,8 +59,15 @@ def run(config, workdir: str, task=None) -> dict:
 
     data_dir = os.path.join(workdir, "data")
     if jax.process_index() == 0:
-      d = config.demo
-      demo.build(data_dir, num=d.num, seed=d.seed, image_size=d.image_size, shard_size=d.shard_size)
+      if "synthetic_3dmm" in config:  # TGDM's tiny configs: faces rendered from a 3DMM
+        from data_pipelines import synthetic_3dmm  # noqa: PLC0415
+
+        synthetic_3dmm.build(data_dir, **dict(config.synthetic_3dmm))
+      else:
+        d = config.demo
+        demo.build(
+          data_dir, num=d.num, seed=d.seed, image_size=d.image_size, shard_size=d.shard_size
+        )
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # noqa: PLC0415
 

@@ -6,7 +6,8 @@
 A second start with the same ``--workdir`` resumes from its newest complete checkpoint.
 The config is locked after parsing and written to ``DIR/config.json``. With an empty
 ``config.data.path`` the demo dataset is built into ``DIR/data`` first (real photos that
-ship inside installed packages, exported with the real offline encoders).
+ship inside installed packages, exported with the real offline encoders; for configs with
+a ``synthetic_3dmm`` field, TGDM's tiny ones, faces rendered from a synthetic 3DMM).
 
 Multi-host: on Cloud TPU VMs ``jax.distributed.initialize()`` needs no arguments
 (``--distributed``); on GPU clusters pass ``--coordinator_address``,

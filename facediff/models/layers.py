@@ -529,3 +529,83 @@ class FeedForward(nn.Module):
     h = GEGLU(self.dim * self.mult, name="net_0", **kw)(x)
     h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
     return Dense(self.dim, ("mlp", "embed"), name="net_2", **kw)(h)
+
+
+def instance_norm(x: jax.Array, eps: float = 1e-5) -> jax.Array:
+  """(F - mu(F)) / sigma(F) per example and channel over H and W (NHWC), float32 statistics,
+  sigma = sqrt(var + eps) with the biased (two-pass) variance, as torch's InstanceNorm2d."""
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axis=(1, 2), keepdims=True)
+  var = jnp.mean(jnp.square(xf - mean), axis=(1, 2), keepdims=True)
+  return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+class AdaIN(nn.Module):
+  """TGDM Eq. 17, adaptive instance normalisation of a feature map by a condition vector:
+
+      AdaIN(F_d, C) = sigma_c(C) * (F_d - mu(F_d)) / sigma(F_d) + mu_c(C),
+
+  with mu(.) / sigma(.) the per-example, per-channel mean and standard deviation over H and
+  W (``instance_norm``; the paper calls sigma "the variance operation": we use the standard
+  AdaIN's sqrt(var + eps)), and sigma_c(C) = ``scale``(C), mu_c(C) = ``shift``(C) two linear
+  maps of the condition C = Linear(rho_hat) + Linear(t) (TGDM 4.3; the model computes C
+  once and every AdaIN maps it to its own channels). ``scale``'s bias starts at 1 and
+  ``shift``'s at 0, so a fresh layer is close to plain instance normalisation.
+
+  x: (B, H, W, C_x) NHWC; cond: (B, D). Params ``scale`` and ``shift``: Dense kernels
+  (D, C_x) with logical axes ('mlp', 'embed').
+  """
+
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, cond: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    c = x.shape[-1]
+    sigma_c = Dense(c, ("mlp", "embed"), bias_init=nn.initializers.ones_init(), name="scale", **kw)(
+      cond
+    )
+    mu_c = Dense(c, ("mlp", "embed"), name="shift", **kw)(cond)
+    h = instance_norm(x, self.eps).astype(self.dtype)
+    return sigma_c[:, None, None, :] * h + mu_c[:, None, None, :]
+
+
+class TexAtt(nn.Module):
+  """TGDM Eq. 15-16, the Texture Attention module (TGDM 4.3, Fig. 2):
+
+      Q_d = q(F_d),  K_s = k(F_s),  V_s = v(F_s)     (1x1 convs to C/``reduction`` channels)
+      F_{s->d} = softmax(Q_d K_s^T) V_s = M V_s        (Eq. 15; M: (H_d W_d) x (H_s W_s))
+      F_hat_d = tau * out(F_{s->d}) + F_d              (Eq. 16)
+
+  The query comes from the noisy branch's features F_d (B, H, W, C), key and value from
+  the source texture features F_s (B, H_s, W_s, C_s) of the texture encoder; Eq. 15 has
+  no 1/sqrt(d) temperature and neither has this. ``out`` is a 1x1 conv projecting the
+  C/4 channels of F_{s->d} back to C (Eq. 16 adds it to F_d, which has C channels).
+  ``tau`` is a learned scalar initialised to 0, so a fresh TexAtt is the identity.
+
+  Params: ``query``, ``key``, ``value``, ``out`` (layers.Conv, 1x1) and ``tau`` (shape ()).
+  """
+
+  reduction: int = 4
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, f_d: jax.Array, f_s: jax.Array) -> jax.Array:
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    b, h, w, c = f_d.shape
+    inner = c // self.reduction
+    if inner * self.reduction != c or inner == 0:
+      raise ValueError(f"TexAtt: {c} channels not divisible by reduction {self.reduction}")
+    q = Conv(inner, 1, padding=0, name="query", **kw)(f_d).reshape(b, h * w, inner)
+    f_s = f_s.astype(self.dtype)
+    k = Conv(inner, 1, padding=0, name="key", **kw)(f_s).reshape(b, -1, inner)
+    v = Conv(inner, 1, padding=0, name="value", **kw)(f_s).reshape(b, -1, inner)
+    logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32)
+    m = jax.nn.softmax(logits, axis=-1)
+    f_sd = jnp.einsum("bqk,bkc->bqc", m.astype(v.dtype), v).reshape(b, h, w, inner)
+    f_sd = Conv(c, 1, padding=0, name="out", **kw)(f_sd)
+    tau = self.param("tau", _init(nn.initializers.zeros_init(), ()), (), self.param_dtype)
+    return tau.astype(f_sd.dtype) * f_sd + f_d.astype(f_sd.dtype)
