@@ -212,8 +212,12 @@ def test_tgdm_loss_term_by_term_and_gate():
   lp_cfg = lpips_model.LPIPSConfig(
     vgg=vgg16_model.VGG16Config(stage_channels=(4, 8, 8, 8, 8), stage_depths=(1, 1, 1, 1, 1))
   )
-  lp_params = _np(lpips_model.init_params(lp_cfg, jax.random.key(0)))
-  lp_params = jax.tree.map(np.abs, lp_params)  # non-negative heads, as the real ones
+  # Random weights of the right shapes (compiling ``init_params`` takes seconds);
+  # non-negative, as the real heads are.
+  lp_params = jax.tree.map(
+    lambda a: rng.uniform(0, 0.5, a.shape).astype(np.float32),
+    nn.unbox(lpips_model.abstract_params(lp_cfg)),
+  )
 
   def eps_fn(x, tt, c):
     return 0.5 * x + c["shift"]
@@ -239,9 +243,8 @@ def test_tgdm_loss_term_by_term_and_gate():
   l_simple = np.mean((noise - eps) ** 2)  # Eq. 18 (MSE)
   x0_hat = (x_t - np.sqrt(1 - abar) * eps) / np.sqrt(abar)  # Eq. 5
   l_rec = np.mean((x0_hat - x0) ** 2)  # Eq. 19 (MSE)
-  l_p = float(
-    np.mean(lpips_model.apply_lpips(lp_cfg, lp_params, x0_hat.astype(np.float32), x0))
-  )  # Eq. 20
+  lpips_jit = jax.jit(lambda a, b: lpips_model.apply_lpips(lp_cfg, lp_params, a, b))
+  l_p = float(np.mean(lpips_jit(x0_hat.astype(np.float32), x0)))  # Eq. 20
 
   run = jax.jit(run)  # one program, the gate a traced value
   loss0, m0 = run(np.int32(0))
