@@ -45,7 +45,7 @@ jobs, so timings are noisy), float32, batch 1, 64x64x4 latents, 77x768 context,
   87 s; PyTorch 3.216 s per step (runs 1.92-3.95 s) in the same process; ratio 0.42;
   11.2 GFLOP per step (XLA count), 8.2 GFLOP/s achieved; 0.35 GiB compiled memory per
   device; 0.73 images/s. PyTorch alone in a fresh process on the same machine took
-  1.6-2.3 s per step, so the ratio on a quiet machine is nearer 0.6-0.8 than 0.42.
+  1.6-2.3 s per step, so on a quiet machine the ratio is nearer 0.6-0.85 than 0.42.
   sd14: not measured on this CPU (an 860 M-parameter AdamW step: params, gradients and
   two moments alone are 13.8 GB in float32, and compiling takes many minutes on 2
   cores); run ``--sizes sd14`` on a larger machine.
