@@ -16,22 +16,22 @@ def test_main_job_trains_samples_and_summarises(tmp_path):
   cfg = diffsfsr_config.get_config("tiny")
   cfg.demo.num = 24
   cfg.demo.shard_size = 8
-  cfg.mesh.data = 2  # a (2, 1) mesh of the 8 virtual devices
+  cfg.data.global_batch_size = 8  # one example per virtual device (data=8 mesh)
   cfg.evaluate.heldout_num = 8
   cfg.evaluate.ldm_timesteps = [100, 500, 900]
   cfg.evaluate.sample_steps = 4
-  cfg.train.num_steps = 12
-  cfg.train.checkpoint_every = 12
+  cfg.train.num_steps = 10
+  cfg.train.checkpoint_every = 10
   cfg.train.sample_every = 0
   cfg.optim.warmup_steps = 0
   cfg.optim.lr = 1e-3
   cfg.ema.decay = 0.0  # evaluate the trained params themselves after 12 steps
   summary = main_job.run(cfg, str(tmp_path))
 
-  assert summary["train"]["step"] == 12
+  assert summary["train"]["step"] == 10
   ldm = summary["heldout_ldm"]
   assert ldm["after"]["records"] == ldm["before"]["records"] == 8
-  assert ldm["after_step"] == 12
+  assert ldm["after_step"] == 10
   # Training lowers the noise-prediction error on records it never saw, at fixed (t, noise).
   assert ldm["after"]["mean"] < ldm["before"]["mean"], ldm
   for task in ("swap", "reenact", "sfsr"):
@@ -52,4 +52,4 @@ def test_main_job_trains_samples_and_summarises(tmp_path):
   on_disk = json.load(open(tmp_path / "summary.json"))
   assert on_disk["heldout_ldm"]["fell"] == bool(ldm["after"]["mean"] < ldm["before"]["mean"])
   assert "| mean |" in open(tmp_path / "summary.md").read()
-  assert os.path.exists(tmp_path / "checkpoints" / "12")
+  assert os.path.exists(tmp_path / "checkpoints" / "10")
