@@ -25,7 +25,7 @@ def test_main_job_trains_samples_and_summarises(tmp_path):
   cfg.train.sample_every = 0
   cfg.optim.warmup_steps = 0
   cfg.optim.lr = 1e-3
-  cfg.ema.decay = 0.0  # evaluate the trained params themselves after 12 steps
+  cfg.ema.decay = 0.0  # evaluate the trained params themselves after 10 steps
   summary = main_job.run(cfg, str(tmp_path))
 
   assert summary["train"]["step"] == 10
