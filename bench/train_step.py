@@ -30,13 +30,10 @@ Usage:
         [--preset gpu --peak_tflops 989]
 
 GPU section (``--preset gpu``): bfloat16 compute (float32 master weights), batch 8,
-512 px images = 64 x 64 latents, attention through ``jax.nn.dot_product_attention``
-(``--attention xla``), PyTorch under ``torch.autocast(bfloat16)`` on CUDA; report
+512 px images = 64 x 64 latents, attention through
+``jax.nn.dot_product_attention(implementation="cudnn")`` (``--attention cudnn``; "xla"
+for XLA's own kernel), PyTorch under ``torch.autocast(bfloat16)`` on CUDA; report
 images/s and MFU against ``--peak_tflops`` (dense bf16: H100/H200 989, A100 312).
-facediff's UNet cannot yet select ``jax.nn.dot_product_attention(implementation=
-"cudnn")``: ``UNetConfig.attention_impl`` offers only "xla" and "blocked", and
-``layers.multi_head_attention`` passes no implementation, so the GPU run uses XLA's
-attention (jax 0.10.2 picks XLA when none is named).
 
 Measured 2026-11-22 on a 2-core CPU (the shared dev VM, load average 5-7 from other
 jobs, so timings are noisy), float32, batch 1, 64x64x4 latents, 77x768 context,
@@ -156,7 +153,7 @@ def _facediff_step(unet_cfg, args, batch_np):
     lowered = step.lower(state, None, batch)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
-    if unet_cfg.attention_impl == "xla":
+    if unet_cfg.attention_impl in ("xla", "cudnn"):
       flops = _cost(compiled)
     else:  # count on the unblocked attention (see the module docstring)
       xla_task = _eps_mse_task(unet_cfg.replace(attention_impl="xla"), args)
@@ -309,7 +306,7 @@ def main():
   ap.add_argument(
     "--attention",
     default=None,
-    choices=["auto", "xla", "blocked"],
+    choices=["auto", "xla", "cudnn", "blocked"],
     help="facediff UNetConfig.attention_impl (auto: blocked for large CPU attention)",
   )
   ap.add_argument("--preset", default="cpu", choices=["cpu", "gpu"])
@@ -321,7 +318,7 @@ def main():
   gpu = args.preset == "gpu"
   args.batch = args.batch or (8 if gpu else 1)
   args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
-  args.attention = args.attention or ("xla" if gpu else "auto")
+  args.attention = args.attention or ("cudnn" if gpu else "auto")
 
   import jax
   import torch

@@ -381,7 +381,8 @@ def multi_head_attention(
 
   Splits heads, attends, merges heads back. ``mask``: boolean, broadcastable to
   (B, heads, Lq, Lk), True = attend. ``implementation``: "xla" =
-  ``jax.nn.dot_product_attention``; "blocked" = query blocks per head (see
+  ``jax.nn.dot_product_attention`` (XLA's implementation); "cudnn" = the same call
+  with cuDNN's fused kernel (GPUs, bf16/fp16); "blocked" = query blocks per head (see
   ``_blocked_attention``; no mask / causal); None = "blocked" on CPU for large
   unmasked attention (score tensor over 2 Mi elements, e.g. SD's 4096- and 1024-token
   self-attentions), else "xla". All give the same result up to float rounding.
@@ -406,9 +407,16 @@ def multi_head_attention(
     if mask is not None or causal:
       raise ValueError("blocked attention supports neither mask nor causal")
     out = _blocked_attention(q4, k4, v4, 1.0 / math.sqrt(d))
-  elif implementation == "xla":
+  elif implementation in ("xla", "cudnn"):
+    # "cudnn": the fused cuDNN flash-attention kernel (GPU only, fp16/bf16 inputs).
     out = jax.nn.dot_product_attention(
-      q4, k4, v4, mask=mask, is_causal=causal, scale=1.0 / math.sqrt(d)
+      q4,
+      k4,
+      v4,
+      mask=mask,
+      is_causal=causal,
+      scale=1.0 / math.sqrt(d),
+      implementation=implementation,
     )
   else:
     raise ValueError(f"unknown attention implementation {implementation!r}")

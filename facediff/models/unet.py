@@ -50,7 +50,8 @@ class UNetConfig:
   "bfloat16"); parameters are always ``param_dtype`` (float32).
   ``remat``: rematerialise each ResNet / transformer block in the backward pass.
   ``attention_impl``: None (automatic: blocked attention for large CPU attention, else
-  ``jax.nn.dot_product_attention``), "xla" or "blocked" (layers.multi_head_attention).
+  ``jax.nn.dot_product_attention``), "xla", "cudnn" (GPU) or "blocked"
+  (layers.multi_head_attention).
   """
 
   in_channels: int = 4
@@ -117,9 +118,10 @@ class UNetConfig:
           f"UNetConfig: block_out_channels {c} not divisible by norm_num_groups "
           f"{self.norm_num_groups}"
         )
-    if self.attention_impl not in (None, "xla", "blocked"):
+    if self.attention_impl not in (None, "xla", "cudnn", "blocked"):
       raise ValueError(
-        f"UNetConfig.attention_impl must be None, 'xla' or 'blocked', got {self.attention_impl!r}"
+        "UNetConfig.attention_impl must be None, 'xla', 'cudnn' or 'blocked', got "
+        f"{self.attention_impl!r}"
       )
     for f in ("dtype", "param_dtype"):
       if getattr(self, f) not in _DTYPES:
