@@ -22,7 +22,7 @@ FLOPs: XLA's cost analysis counts a loop body once, and on CPU facediff runs SD'
 self-attentions blocked in ``lax.map`` loops (``layers.multi_head_attention``), so on
 CPU the FLOPs come from the same step lowered with ``attention_impl="xla"`` (lowered,
 not compiled, cost analysis: no second compile); where the timed program already uses
-"xla" (``--attention xla``, the GPU preset) they come from its compiled.cost_analysis().
+"xla" or "cudnn" (the GPU preset) they come from its compiled.cost_analysis().
 
 Usage:
     python bench/train_step.py [--sizes small,sd14] [--steps 3] [--batch 1]
