@@ -105,7 +105,9 @@ def ssim(
   (population form, E[x^2] - mu^2) and covariance. The SSIM map is averaged over the
   positions where the whole window fits inside the image, then over channels. This is
   ``skimage.metrics.structural_similarity(x, y, gaussian_weights=True, sigma=1.5,
-  use_sample_covariance=False, data_range=1, channel_axis=-1)`` on [0, 1] images.
+  use_sample_covariance=False, data_range=1, channel_axis=-1)`` on [0, 1] images. SSIM is
+  not invariant to shifting the intensities (the luminance term), so the mapping to [0, 1]
+  matters: scikit-image on [-1, 1] images with data_range=2 gives a different number.
   (B, H, W, C) x2 with H, W >= ``window_size`` -> (B,).
   """
   _check_pair("ssim", x, y)
