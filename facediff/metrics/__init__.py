@@ -3,7 +3,8 @@
 Image (``image``; NHWC batches, ``value_range`` default [-1, 1], jit-able, (B,) results):
   ``mse``, ``psnr``, ``ssim``, ``lpips``.
 Identity / expression / landmarks (``identity``; embeddings from
-``facediff.losses.face_encoders``, jit-able): ``identity_cosine``, ``retrieval_accuracy``
+``facediff.losses.face_encoders`` via ``face_embeddings``, jit-able): ``identity_cosine``,
+``retrieval_accuracy``
 (and ``retrieve``), ``expression_error``, ``landmark_distance``.
 Head pose (``pose``; host numpy + OpenCV): ``head_pose``, ``pose_error``,
 ``pose_distance``.
@@ -16,6 +17,7 @@ from facediff.metrics.fid import feature_statistics, frechet_distance
 from facediff.metrics.identity import (
   MOUTH,
   expression_error,
+  face_embeddings,
   identity_cosine,
   landmark_distance,
   retrieval_accuracy,
@@ -31,6 +33,7 @@ __all__ = [
   "Metric",
   "expression_error",
   "feature_statistics",
+  "face_embeddings",
   "format_table",
   "frechet_distance",
   "head_pose",

@@ -13,12 +13,31 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from facediff.losses import face_encoders
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 _EPS = 1e-12
 
 # iBUG 68-point indices.
 MOUTH = tuple(range(48, 68))  # outer lips 48-59, inner lips 60-67 (TGDM's mouth LMD)
 OUTER_EYE_CORNERS = (36, 45)  # right eye's outer corner, left eye's outer corner
+
+
+def face_embeddings(
+  encoder: face_encoders.FaceEncoder,
+  params,
+  images: jax.Array,
+  crops: dict[str, jax.Array],
+  value_range: tuple[float, float] = (-1.0, 1.0),
+) -> jax.Array:
+  """The embeddings the metrics below compare: ``facediff.losses.face_encoders.embed``
+  (the same frozen encoders and crops as the training losses, ``load(field)`` gives
+  ``encoder, params``) on images in ``value_range`` (mapped to [-1, 1] first).
+  (B, S, S, 3) -> (B, D) float32."""
+  lo, hi = value_range
+  if (lo, hi) != (-1.0, 1.0):
+    images = 2.0 * (jnp.asarray(images, jnp.float32) - lo) / (hi - lo) - 1.0
+  return face_encoders.embed(encoder, params, images, crops)
 
 
 def _norm(x: jax.Array) -> jax.Array:
@@ -59,6 +78,8 @@ def retrieval_accuracy(
   cosine-similar gallery embedding ((G, D), e.g. one per source identity) carries the
   query's identity label. Labels are integers, (G,) and (Q,). Ties: see ``retrieve``.
   Returns a float32 scalar in [0, 1]."""
+  query, gallery = jnp.asarray(query), jnp.asarray(gallery)
+  gallery_labels, query_labels = jnp.asarray(gallery_labels), jnp.asarray(query_labels)
   if query.shape[-1] != gallery.shape[-1]:
     raise ValueError(f"query dim {query.shape[-1]} != gallery dim {gallery.shape[-1]}")
   if gallery_labels.shape != gallery.shape[:1] or query_labels.shape != query.shape[:1]:
@@ -66,7 +87,7 @@ def retrieval_accuracy(
       f"labels {gallery_labels.shape} / {query_labels.shape} do not match gallery "
       f"{gallery.shape} / query {query.shape}"
     )
-  hit = jnp.asarray(gallery_labels)[retrieve(query, gallery)] == jnp.asarray(query_labels)
+  hit = gallery_labels[retrieve(query, gallery)] == query_labels
   return jnp.mean(hit.astype(jnp.float32))
 
 
