@@ -130,10 +130,17 @@ def test_lpips_wrapper_equals_lpips_loss():
       metrics.lpips(params, (x + 1) / 2, (y + 1) / 2, cfg, value_range=(0.0, 1.0)),
       lpips_model.apply_lpips(cfg, params, x, y),
       lpips_loss(params, x, y, cfg),
+      metrics.image_metrics(x, y, lpips_params=params, lpips_config=cfg),
+      [f(x, y) for f in (metrics.mse, metrics.psnr, metrics.ssim)],
     )
 
-  per_image, from_01, ref, loss = run(x, y)
+  per_image, from_01, ref, loss, together, separate = run(x, y)
   np.testing.assert_array_equal(np.asarray(per_image), np.asarray(ref))
   np.testing.assert_allclose(float(np.mean(per_image)), float(loss), rtol=1e-6)
   np.testing.assert_allclose(np.asarray(from_01), np.asarray(ref), rtol=1e-5)
   assert np.all(np.asarray(ref) > 0)
+  # image_metrics: the same numbers under the papers' column names
+  assert sorted(together) == ["LPIPS", "MSE", "PSNR", "SSIM"]
+  for name, value in zip(["MSE", "PSNR", "SSIM"], separate, strict=True):
+    np.testing.assert_allclose(np.asarray(together[name]), np.asarray(value), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(together["LPIPS"]), np.asarray(ref), rtol=1e-6)

@@ -1,7 +1,8 @@
 """Evaluation metrics of DiffSFSR and TGDM, one function per metric.
 
 Image (``image``; NHWC batches, ``value_range`` default [-1, 1], jit-able, (B,) results):
-  ``mse``, ``psnr``, ``ssim``, ``lpips``.
+  ``mse``, ``psnr``, ``ssim``, ``lpips``; ``image_metrics`` (all of them, keyed by the
+  papers' column names).
 Identity / expression / landmarks (``identity``; embeddings from
 ``facediff.losses.face_encoders`` via ``face_embeddings``, jit-able): ``identity_cosine``,
 ``retrieval_accuracy``
@@ -23,7 +24,7 @@ from facediff.metrics.identity import (
   retrieval_accuracy,
   retrieve,
 )
-from facediff.metrics.image import lpips, mse, psnr, ssim
+from facediff.metrics.image import image_metrics, lpips, mse, psnr, ssim
 from facediff.metrics.pose import head_pose, pose_distance, pose_error
 from facediff.metrics.table import METRICS, Metric, format_table
 
@@ -38,6 +39,7 @@ __all__ = [
   "frechet_distance",
   "head_pose",
   "identity_cosine",
+  "image_metrics",
   "landmark_distance",
   "lpips",
   "mse",

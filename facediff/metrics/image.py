@@ -145,3 +145,23 @@ def lpips(
     x = 2.0 * to_unit_range(x, value_range) - 1.0
     y = 2.0 * to_unit_range(y, value_range) - 1.0
   return lpips_model.apply_lpips(config, params, x, y)
+
+
+def image_metrics(
+  x: jax.Array,
+  y: jax.Array,
+  value_range: ValueRange = DEFAULT_RANGE,
+  lpips_params=None,
+  lpips_config: lpips_model.LPIPSConfig | None = None,
+) -> dict[str, jax.Array]:
+  """All image metrics of one batch pair, keyed by the papers' column names (those of
+  ``facediff.metrics.table.METRICS``): {"MSE", "PSNR", "SSIM"} and "LPIPS" when
+  ``lpips_params`` is given, each (B,). ``x``: generated, ``y``: reference."""
+  out = {
+    "MSE": mse(x, y, value_range),
+    "PSNR": psnr(x, y, value_range),
+    "SSIM": ssim(x, y, value_range),
+  }
+  if lpips_params is not None:
+    out["LPIPS"] = lpips(lpips_params, x, y, lpips_config, value_range)
+  return out
