@@ -1,0 +1,52 @@
+"""Evaluation metrics of DiffSFSR and TGDM, one function per metric.
+
+Image (``image``; NHWC batches, ``value_range`` default [-1, 1], jit-able, (B,) results):
+  ``mse``, ``psnr``, ``ssim``, ``lpips``; ``image_metrics`` (all of them, keyed by the
+  papers' column names).
+Identity / expression / landmarks (``identity``; embeddings from
+``facediff.losses.face_encoders`` via ``face_embeddings``, jit-able): ``identity_cosine``,
+``retrieval_accuracy``
+(and ``retrieve``), ``expression_error``, ``landmark_distance``.
+Head pose (``pose``; host numpy + OpenCV): ``head_pose``, ``pose_error``,
+``pose_distance``.
+FID (``fid``; host numpy + scipy, features from a user-supplied Inception):
+  ``feature_statistics``, ``frechet_distance``.
+Reporting (``table``): ``format_table``, ``Metric``, ``METRICS``.
+"""
+
+from facediff.metrics.fid import feature_statistics, frechet_distance
+from facediff.metrics.identity import (
+  MOUTH,
+  expression_error,
+  face_embeddings,
+  identity_cosine,
+  landmark_distance,
+  retrieval_accuracy,
+  retrieve,
+)
+from facediff.metrics.image import image_metrics, lpips, mse, psnr, ssim
+from facediff.metrics.pose import head_pose, pose_distance, pose_error
+from facediff.metrics.table import METRICS, Metric, format_table
+
+__all__ = [
+  "METRICS",
+  "MOUTH",
+  "Metric",
+  "expression_error",
+  "feature_statistics",
+  "face_embeddings",
+  "format_table",
+  "frechet_distance",
+  "head_pose",
+  "identity_cosine",
+  "image_metrics",
+  "landmark_distance",
+  "lpips",
+  "mse",
+  "pose_distance",
+  "pose_error",
+  "psnr",
+  "retrieval_accuracy",
+  "retrieve",
+  "ssim",
+]
