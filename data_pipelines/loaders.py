@@ -706,6 +706,30 @@ def make_eval_triplets(
   return iter(ds)
 
 
+def triplet_batch(config, rows, *, source_images: bool = True) -> dict[str, Any]:
+  """One host batch (model inputs, numpy) of explicit triplets: ``rows`` is a sequence
+  of record-index triples (bkg, id, exp) of the dataset at ``config.data.path``, as in
+  ``make_eval_triplets`` (``valid`` all True). For inference on chosen records."""
+  data_cfg = config.data
+  source, manifest = open_source(data_cfg)
+  reader = _Reader(data_cfg, source, manifest, os.fspath(data_cfg.path))
+  n = len(source)
+  cache: dict[int, dict] = {}
+  items = []
+  for row in rows:
+    a, b, c = (int(x) for x in row)
+    for i in (a, b, c):
+      if not 0 <= i < n:
+        raise RecordError(f"{data_cfg.path}: record index {i} out of range (has {n} records)")
+    item = _triplet(reader, a, b, c, source_images=source_images, cache=cache)
+    item["valid"] = np.bool_(True)
+    items.append(item)
+  if not items:
+    raise ValueError("triplet_batch: no rows")
+  batch = jax.tree.map(lambda *xs: np.stack(xs), *items)
+  return to_model_inputs(batch)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 

@@ -280,18 +280,50 @@ class DiffSFSR:
     f = self.space.factor
     return (b, h // f, w // f, self.cfg.latent_channels)
 
-  def sample(self, params, frozen, batch, rng, *, method=None, num_steps=None):
-    """Images in [-1, 1] for the batch's (background, identity, expression)."""
+  def sample(
+    self,
+    params,
+    frozen,
+    batch,
+    rng,
+    *,
+    method=None,
+    num_steps=None,
+    id_scale: float = 1.0,
+    exp_scale: float = 1.0,
+  ):
+    """Images in [-1, 1] for the batch's (background, identity, expression).
+
+    ``id_scale`` / ``exp_scale`` != 1 guide each condition separately against the
+    learned null tokens (models trained with condition dropout):
+    eps = e(id, exp) + (s_id - 1) (e(id, exp) - e(null, exp))
+                     + (s_exp - 1) (e(id, exp) - e(id, null)).
+    """
     frozen = frozen or {}
     mc = self.config.model
     noise = jax.random.normal(rng, self.latent_shape(batch), jnp.float32)
+    cond = self.condition(frozen, batch)
+    b = noise.shape[0]
+    no, yes = jnp.zeros((b,), bool), jnp.ones((b,), bool)
+
+    def eps_fn(z, t, c):
+      full = self.eps(params, z, t, c)
+      e = full
+      if id_scale != 1.0:
+        e_no_id = self.eps(params, z, t, {**c, "drop_id": yes, "drop_exp": no})
+        e = e + (id_scale - 1.0) * (full - e_no_id)
+      if exp_scale != 1.0:
+        e_no_exp = self.eps(params, z, t, {**c, "drop_id": no, "drop_exp": yes})
+        e = e + (exp_scale - 1.0) * (full - e_no_exp)
+      return e
+
     z0 = sample(
-      lambda z, t, c: self.eps(params, z, t, c),
+      eps_fn,
       self.schedule,
       noise,
       method=str(method or mc.sample_method),
       num_steps=int(num_steps or mc.sample_steps),
-      cond=self.condition(frozen, batch),
+      cond=cond,
     )
     return jnp.clip(self.space.decode(frozen, z0), -1.0, 1.0)
 

@@ -1,0 +1,369 @@
+"""DiffSFSR inference from a trained workdir: SFSR, face swap, reenactment, expression
+travel, batch jobs from a CSV.
+
+    python -m launch.sample --workdir TRAINED --out OUT --task sfsr \\
+        --background bkg.jpg --id selfie.jpg --expression happiness
+    python -m launch.sample --workdir TRAINED --out OUT --task swap --background a.jpg --id b.jpg
+    python -m launch.sample --workdir TRAINED --out OUT --task reenact --background a.jpg \\
+        --expression_image b.jpg
+    python -m launch.sample --workdir TRAINED --out OUT --background a.jpg --id b.jpg \\
+        --travel happiness,surprise --frames 8
+    python -m launch.sample --workdir TRAINED --out OUT --csv jobs.csv
+
+Tasks (DiffSFSR Sec. 3.4): ``sfsr`` takes background, identity and expression from
+three inputs; ``swap`` keeps the background's expression; ``reenact`` keeps its
+identity. ``--prompt`` generates the background with text-to-image (``--t2i_model``,
+SD-1.x weights). ``--expression WORD`` (the 135-word vocabulary) picks a reference
+expression from an expression index: the dataset ``--expression_index`` (default: the
+training set) with a labelled ``expression`` field, or, without one, fer's own
+predictions (``expression_index.index_from_fer``).
+
+User photos go through the exporter's own detection, alignment and encoders (the
+ones that wrote the training set's fields). A photo that is missing, unreadable,
+shows no face or several faces, a word outside the vocabulary, or a workdir without
+a checkpoint ends the command with one line naming the input and exit status 1;
+nothing is written to ``--out`` until every result exists. Outputs: PNGs, an
+animated GIF for travel, and ``record.json`` (inputs, checkpoint step, seeds,
+sampler). One compiled sampler serves every job of the same shape.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import sys
+import tempfile
+from typing import Sequence
+
+import numpy as np
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ("sfsr", "swap", "reenact")
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A launch.train / launch.main workdir.")
+_OUT = flags.DEFINE_string("out", None, "Output folder.")
+_TASK = flags.DEFINE_enum("task", "sfsr", TASKS, "What to generate.")
+_BACKGROUND = flags.DEFINE_string("background", None, "Background photo.")
+_PROMPT = flags.DEFINE_string("prompt", None, "Background from text (needs --t2i_model).")
+_T2I = flags.DEFINE_string("t2i_model", "", "SD-1.x weights for --prompt.")
+_ID = flags.DEFINE_string("id", None, "Identity photo (a selfie).")
+_EXPRESSION = flags.DEFINE_string("expression", None, "Expression word (135-word vocabulary).")
+_EXPRESSION_IMAGE = flags.DEFINE_string("expression_image", None, "Expression reference photo.")
+_INDEX = flags.DEFINE_string("expression_index", None, "Dataset for --expression retrieval.")
+_TRAVEL = flags.DEFINE_string("travel", None, "WORD_A,WORD_B: expression travel.")
+_FRAMES = flags.DEFINE_integer("frames", 8, "Frames of --travel.")
+_CSV = flags.DEFINE_string("csv", None, "Batch jobs: columns task,background,id,expression,...")
+_STEPS = flags.DEFINE_integer("steps", 50, "Sampler steps.")
+_METHOD = flags.DEFINE_enum("method", "pndm", ("pndm", "ddim", "ddpm"), "Sampler.")
+_SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
+_ID_SCALE = flags.DEFINE_float("id_scale", 1.0, "Identity guidance (needs id_dropout > 0).")
+_EXP_SCALE = flags.DEFINE_float("exp_scale", 1.0, "Expression guidance (needs exp_dropout > 0).")
+_CACHE = flags.DEFINE_string("compile_cache", None, "Persistent XLA compilation cache folder.")
+_WEIGHTS = flags.DEFINE_multi_string("weights", [], "Encoder weights NAME=PATH (as the exporter).")
+
+
+class SampleError(ValueError):
+  """A user input that cannot be used; the message names it."""
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def load_trained(workdir: str):
+  """(config, DiffSFSR, params, frozen, step) from a training workdir."""
+  import ml_collections
+
+  from facediff import partitioning
+  from facediff.train import checkpoint as ckpt_lib
+  from facediff.train import diffsfsr_task
+  from facediff.train import state as state_lib
+
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise SampleError(f"{workdir}: not a training workdir (no config.json)")
+  with open(path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  if config.model.name != "diffsfsr":
+    raise SampleError(f"{path}: model {config.model.name!r}; launch.sample runs diffsfsr")
+  model = diffsfsr_task.DiffSFSR(config)
+  task = model.task()
+  mesh = partitioning.make_mesh({"data": -1, "fsdp": 1})
+  with partitioning.activation_rules(mesh):
+    abstract, _, _ = state_lib.abstract_state(task, config, mesh)
+    frozen, _ = state_lib.shard_frozen(task, mesh)
+    ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.train)
+    restored = ck.restore_latest(abstract)
+    ck.close()
+  if restored is None:
+    raise SampleError(f"{workdir}/checkpoints: no complete checkpoint")
+  state, step = restored
+  params = state.ema_params if state.ema_params is not None else state.params
+  return config, model, params, frozen, step
+
+
+def encoder_names(config) -> list[str]:
+  """The exporter encoders that wrote the fields the model reads (from the training
+  set's manifest)."""
+  from data_pipelines import records
+
+  manifest = records.Manifest.load(config.data.path)
+  wanted = [*config.data.id_fields, config.data.exp_field, config.data.mask_field]
+  names = []
+  for f in wanted:
+    spec = manifest.fields.get(f)
+    if spec is None:
+      raise SampleError(f"{config.data.path}: the training set has no field {f!r}")
+    if spec.encoder not in names:
+      names.append(spec.encoder)
+  return names
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+def expression_embedding(config, word: str, index_dir: str | None, seed: int) -> np.ndarray:
+  """The expression embedding of a reference record of ``word`` from the index."""
+  from data_pipelines import expression_index, records
+  from facediff import expressions
+
+  vocab = expressions.vocabulary()
+  if word not in vocab:
+    close = ", ".join(vocab.closest(word, 3))
+    raise SampleError(f"--expression {word!r}: not in the 135-word vocabulary (close: {close})")
+  folder = index_dir or config.data.path
+  manifest = records.Manifest.load(folder)
+  if "expression" in manifest.fields:
+    index = expression_index.index_from_dataset(folder)
+  else:
+    index = expression_index.index_from_fer(folder, field="exp_fer")
+  if vocab.label(word) not in index.by_label:
+    have = ", ".join(vocab.word(lab) for lab in index.labels())
+    raise SampleError(f"--expression {word!r}: no reference in {folder} (it has: {have})")
+  key = index.sample(word, np.random.default_rng(seed))
+  for rec in records.iter_records(folder):
+    k = rec["key"].decode() if isinstance(rec["key"], bytes) else rec["key"]
+    if k == key:
+      return np.asarray(rec[config.data.exp_field], np.float32)
+  raise SampleError(f"{folder}: index names record {key!r}, which is missing")
+
+
+def prepare(config, job: dict, tmp: str, weights: Sequence[str]) -> dict:
+  """Exports the job's photos and returns one model-input batch (numpy, batch 1)."""
+  from data_pipelines import loaders, photos
+
+  bkg = job.get("background")
+  if not bkg:
+    raise SampleError("a background is needed: --background IMAGE or --prompt TEXT")
+  roles = {"bkg": bkg}
+  task = job["task"]
+  if task in ("sfsr", "swap"):
+    if not job.get("id"):
+      raise SampleError(f"--task {task} needs --id IMAGE")
+    roles["id"] = job["id"]
+  if task in ("sfsr", "reenact"):
+    if job.get("expression_image"):
+      roles["exp"] = job["expression_image"]
+    elif not job.get("expression") and not job.get("travel"):
+      raise SampleError(f"--task {task} needs --expression WORD or --expression_image IMAGE")
+  out = os.path.join(tmp, "photos")
+  weight_map = dict(w.split("=", 1) for w in weights)
+  try:
+    photos.export_photos(roles, out, encoder_names(config), int(config.demo.image_size), weight_map)
+  except photos.PhotoError as e:
+    raise SampleError(str(e)) from None
+  c = config.copy_and_resolve_references()
+  c.data.path = out
+  idx = {r: photos.record_index(out, r) for r in roles}
+  row = (idx["bkg"], idx.get("id", idx["bkg"]), idx.get("exp", idx["bkg"]))
+  batch = loaders.triplet_batch(c, [row])
+  if task in ("sfsr", "reenact") and "exp" not in roles and job.get("expression"):
+    batch["exp"] = expression_embedding(config, job["expression"], job.get("index"), job["seed"])[
+      None
+    ]
+  return batch
+
+
+def _png(img: np.ndarray, path: str) -> None:
+  from PIL import Image
+
+  Image.fromarray(np.clip((np.asarray(img) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)).save(path)
+
+
+class Sampler:
+  """One compiled sampler per (shape, method, steps, scales)."""
+
+  def __init__(self, model, params, frozen, method, steps, id_scale, exp_scale):
+    import jax
+
+    self.params, self.frozen = params, frozen
+    self.fn = jax.jit(
+      lambda p, f, b, k: model.sample(
+        p,
+        f,
+        b,
+        k,
+        method=method,
+        num_steps=steps,
+        id_scale=id_scale,
+        exp_scale=exp_scale,
+      )
+    )
+
+  def __call__(self, batch, seed):
+    import jax
+
+    return np.asarray(self.fn(self.params, self.frozen, batch, jax.random.key(seed)))
+
+
+def run_jobs(jobs: list[dict], workdir: str, out: str, *, weights=(), progress=True) -> dict:
+  """Runs ``jobs`` (dicts of the flags' names) and writes their outputs into ``out``
+  only once all of them have succeeded."""
+  from PIL import Image
+
+  config, model, params, frozen, step = load_trained(workdir)
+  mc = config.model
+  for job in jobs:
+    for name, scale, p in (
+      ("id_scale", job["id_scale"], mc.get("id_dropout", 0.0)),
+      ("exp_scale", job["exp_scale"], mc.get("exp_dropout", 0.0)),
+    ):
+      if scale != 1.0 and not p:
+        raise SampleError(
+          f"--{name}={scale}: the checkpoint was trained without condition dropout "
+          f"(config.model.{name.split('_')[0]}_dropout = 0), so it has no null token to guide from"
+        )
+  samplers: dict[tuple, Sampler] = {}
+  records_out = []
+  tmp = tempfile.mkdtemp(prefix="facediff_sample_")
+  stage = os.path.join(tmp, "out")
+  os.makedirs(stage)
+  try:
+    for n, job in enumerate(jobs):
+      if progress:
+        print(f"[{n + 1}/{len(jobs)}] {job['task']}", file=sys.stderr, flush=True)
+      batch = prepare(config, job, os.path.join(tmp, f"job{n}"), weights)
+      key = (job["method"], job["steps"], job["id_scale"], job["exp_scale"])
+      if key not in samplers:
+        samplers[key] = Sampler(model, params, frozen, *key)
+      sampler = samplers[key]
+      name = job.get("name") or f"{n:03d}_{job['task']}"
+      files = []
+      if job.get("travel"):
+        a, b = (w.strip() for w in job["travel"].split(","))
+        ea = expression_embedding(config, a, job.get("index"), job["seed"])
+        eb = expression_embedding(config, b, job.get("index"), job["seed"])
+        frames = []
+        os.makedirs(os.path.join(stage, name), exist_ok=True)
+        for i, w in enumerate(np.linspace(0.0, 1.0, int(job["frames"]))):
+          batch["exp"] = ((1 - w) * ea + w * eb)[None]
+          img = sampler(batch, job["seed"])[0]
+          path = os.path.join(stage, name, f"frame_{i:03d}.png")
+          _png(img, path)
+          frames.append(Image.open(path).convert("RGB"))
+          files.append(os.path.join(name, f"frame_{i:03d}.png"))
+        frames[0].save(
+          os.path.join(stage, f"{name}.gif"), save_all=True, append_images=frames[1:], duration=120
+        )
+        files.append(f"{name}.gif")
+      else:
+        img = sampler(batch, job["seed"])[0]
+        _png(img, os.path.join(stage, f"{name}.png"))
+        files.append(f"{name}.png")
+      records_out.append({"job": job, "outputs": files})
+    record = {
+      "workdir": os.path.abspath(workdir),
+      "checkpoint_step": int(step),
+      "variant": config.get("variant"),
+      "jobs": records_out,
+    }
+    with open(os.path.join(stage, "record.json"), "w") as f:
+      json.dump(record, f, indent=2, default=str)
+    os.makedirs(out, exist_ok=True)
+    for entry in os.listdir(stage):
+      dst = os.path.join(out, entry)
+      if os.path.isdir(dst):
+        shutil.rmtree(dst)
+      shutil.move(os.path.join(stage, entry), dst)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
+  return record
+
+
+def jobs_from_flags() -> list[dict]:
+  common = dict(
+    steps=_STEPS.value,
+    method=_METHOD.value,
+    seed=_SEED.value,
+    id_scale=_ID_SCALE.value,
+    exp_scale=_EXP_SCALE.value,
+    index=_INDEX.value,
+    frames=_FRAMES.value,
+  )
+  if _CSV.value:
+    if not os.path.isfile(_CSV.value):
+      raise SampleError(f"--csv {_CSV.value}: no such file")
+    with open(_CSV.value, newline="") as f:
+      rows = list(csv.DictReader(f))
+    jobs = []
+    for i, row in enumerate(rows):
+      job = dict(common)
+      job.update({k: v for k, v in row.items() if v not in (None, "")})
+      job.setdefault("task", "sfsr")
+      if job["task"] not in TASKS:
+        raise SampleError(f"{_CSV.value} row {i + 2}: task {job['task']!r} (one of {TASKS})")
+      for k in ("steps", "seed", "frames"):
+        job[k] = int(job[k])
+      for k in ("id_scale", "exp_scale"):
+        job[k] = float(job[k])
+      jobs.append(job)
+    return jobs
+  job = dict(
+    common,
+    task=_TASK.value,
+    background=_BACKGROUND.value,
+    id=_ID.value,
+    expression=_EXPRESSION.value,
+    expression_image=_EXPRESSION_IMAGE.value,
+    travel=_TRAVEL.value,
+  )
+  if _PROMPT.value:
+    job["background"] = background_from_prompt(_PROMPT.value, _T2I.value, _SEED.value)
+  return [job]
+
+
+def background_from_prompt(prompt: str, model: str, seed: int) -> str:
+  if not model:
+    raise SampleError("--prompt needs --t2i_model (SD-1.x weights: diffusers folder or file)")
+  import jax
+
+  from facediff.convert.pipeline import load_models
+  from facediff.pipelines.text_to_image import TextToImage, save_png
+
+  images = TextToImage(load_models(model))([prompt], jax.random.key(seed))
+  return save_png(images, tempfile.mkdtemp(prefix="facediff_bkg_"))[0]
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _WORKDIR.value or not _OUT.value:
+    raise app.UsageError("--workdir and --out are required")
+  if _CACHE.value:
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", _CACHE.value)
+  try:
+    record = run_jobs(jobs_from_flags(), _WORKDIR.value, _OUT.value, weights=_WEIGHTS.value)
+  except (SampleError, FileNotFoundError, KeyError) as e:
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    sys.exit(f"launch.sample: {msg}")
+  for j in record["jobs"]:
+    for f in j["outputs"]:
+      print(os.path.join(_OUT.value, f))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,156 @@
+"""launch.sample on a tiny trained DiffSFSR workdir: SFSR / swap / reenact from real
+photos through the exporter's alignment, expression words through the index,
+expression travel, CSV batches with one compiled sampler, and bad inputs answered
+with one line and nothing written."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("dlib")
+
+from test_crop_transforms import IMAGES, _cut, astronaut_face  # noqa: E402
+
+from configs import diffsfsr as diffsfsr_config  # noqa: E402
+from launch import runner  # noqa: E402
+from launch import sample as sample_cli  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A 1-step tiny DiffSFSR checkpoint (L_DM only: the encoders' gradients would only
+  add compile time) on an 8-photo demo set."""
+  work = tmp_path_factory.mktemp("trained")
+  c = diffsfsr_config.get_config("tiny")
+  c.demo.num = 8
+  c.demo.shard_size = 8
+  c.data.global_batch_size = 8
+  c.model.lambda_id = c.model.lambda_exp = 0.0
+  c.train.num_steps = 1
+  c.train.sample_every = 0
+  c.train.checkpoint_every = 1
+  c.train.async_checkpointing = False
+  c.ema.decay = 0.0
+  runner.run(c, str(work))
+  return str(work)
+
+
+@pytest.fixture(scope="module")
+def faces_dir(tmp_path_factory):
+  from data_pipelines import faces
+
+  d = tmp_path_factory.mktemp("user_photos")
+  Image.fromarray(astronaut_face()).save(d / "astronaut.png")
+  t1 = np.array(Image.open(os.path.join(IMAGES, "t1.jpg")).convert("RGB"))
+  for i, det in enumerate(faces.FaceDetector()(t1)[:2]):
+    Image.fromarray(_cut(t1, det, 1.0)).save(d / f"person{i}.png")
+  Image.fromarray(t1).save(d / "group.png")  # several faces
+  Image.fromarray(np.full((96, 96, 3), 128, np.uint8)).save(d / "blank.png")  # no face
+  (d / "broken.png").write_bytes(b"not an image")
+  return d
+
+
+def _job(**kw):
+  job = dict(
+    task="sfsr",
+    steps=2,
+    method="ddim",
+    seed=0,
+    id_scale=1.0,
+    exp_scale=1.0,
+    index=None,
+    frames=3,
+    travel=None,
+  )
+  job.update(kw)
+  return job
+
+
+def _a_word(trained):
+  from data_pipelines import expression_index
+  from facediff import expressions
+
+  index = expression_index.index_from_fer(os.path.join(trained, "data"))
+  return expressions.vocabulary().word(index.labels()[0])
+
+
+def test_tasks_travel_and_csv_write_outputs_and_record(trained, faces_dir, tmp_path):
+  word = _a_word(trained)
+  a, p0, p1 = (str(faces_dir / n) for n in ("astronaut.png", "person0.png", "person1.png"))
+  jobs = [
+    _job(task="sfsr", background=a, id=p0, expression_image=p1, name="sfsr"),
+    _job(task="swap", background=a, id=p0, name="swap"),
+    _job(task="reenact", background=a, expression=word, name="reenact"),
+    _job(task="sfsr", background=p1, id=a, travel=f"{word},{word}", name="travel"),
+  ]
+  out = tmp_path / "out"
+  record = sample_cli.run_jobs(jobs, trained, str(out), progress=False)
+  assert record["checkpoint_step"] == 1
+  for name in ("sfsr", "swap", "reenact"):
+    img = np.asarray(Image.open(out / f"{name}.png"))
+    assert img.shape == (64, 64, 3) and img.std() > 0
+  assert len(list((out / "travel").glob("frame_*.png"))) == 3
+  assert Image.open(out / "travel.gif").n_frames >= 1
+  on_disk = json.load(open(out / "record.json"))
+  assert [j["job"]["task"] for j in on_disk["jobs"]] == ["sfsr", "swap", "reenact", "sfsr"]
+
+
+def test_same_inputs_same_seed_same_image(trained, faces_dir, tmp_path):
+  a, p0 = str(faces_dir / "astronaut.png"), str(faces_dir / "person0.png")
+  job = _job(task="swap", background=a, id=p0, name="x")
+  sample_cli.run_jobs([job], trained, str(tmp_path / "1"), progress=False)
+  sample_cli.run_jobs([job], trained, str(tmp_path / "2"), progress=False)
+  one = np.asarray(Image.open(tmp_path / "1" / "x.png"))
+  two = np.asarray(Image.open(tmp_path / "2" / "x.png"))
+  np.testing.assert_array_equal(one, two)
+
+
+@pytest.mark.parametrize(
+  "photo, message",
+  [
+    ("blank.png", "no face found"),
+    ("group.png", "faces found"),
+    ("broken.png", "not a readable image"),
+    ("missing.png", "no such file"),
+  ],
+)
+def test_bad_photos_are_named_and_nothing_is_written(trained, faces_dir, tmp_path, photo, message):
+  out = tmp_path / "out"
+  job = _job(task="swap", background=str(faces_dir / "astronaut.png"), id=str(faces_dir / photo))
+  with pytest.raises(sample_cli.SampleError, match=message) as e:
+    sample_cli.run_jobs([job], trained, str(out), progress=False)
+  assert photo in str(e.value)
+  assert not out.exists()
+
+
+def test_cli_answers_a_bad_word_with_one_line(trained, faces_dir, tmp_path):
+  out = tmp_path / "out"
+  cmd = [
+    sys.executable,
+    "-m",
+    "launch.sample",
+    f"--workdir={trained}",
+    f"--out={out}",
+    "--task=reenact",
+    f"--background={faces_dir / 'astronaut.png'}",
+    "--expression=flabbergastedness",
+  ]
+  r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+  assert r.returncode == 1
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith("launch.sample: --expression 'flabbergastedness': not in the 135-word")
+  assert "Traceback" not in r.stderr
+  assert not out.exists()
+
+
+def test_guidance_needs_condition_dropout(trained, faces_dir, tmp_path):
+  job = _job(task="swap", background=str(faces_dir / "astronaut.png"), id_scale=2.0)
+  with pytest.raises(sample_cli.SampleError, match="id_scale=2.0.*condition dropout"):
+    sample_cli.run_jobs([job], trained, str(tmp_path / "o"), progress=False)
