@@ -104,12 +104,13 @@ def test_tasks_travel_and_csv_write_outputs_and_record(trained, faces_dir, tmp_p
 
 def test_same_inputs_same_seed_same_image(trained, faces_dir, tmp_path):
   a, p0 = str(faces_dir / "astronaut.png"), str(faces_dir / "person0.png")
-  job = _job(task="swap", background=a, id=p0, name="x")
-  sample_cli.run_jobs([job], trained, str(tmp_path / "1"), progress=False)
-  sample_cli.run_jobs([job], trained, str(tmp_path / "2"), progress=False)
-  one = np.asarray(Image.open(tmp_path / "1" / "x.png"))
-  two = np.asarray(Image.open(tmp_path / "2" / "x.png"))
-  np.testing.assert_array_equal(one, two)
+  jobs = [_job(task="swap", background=a, id=p0, name=n) for n in ("x", "y")]
+  jobs.append(_job(task="swap", background=a, id=p0, name="z", seed=1))
+  record = sample_cli.run_jobs(jobs, trained, str(tmp_path), progress=False)
+  assert [j["outputs"] for j in record["jobs"]] == [["x.png"], ["y.png"], ["z.png"]]
+  x, y, z = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in "xyz")
+  np.testing.assert_array_equal(x, y)  # jobs share one compiled sampler; same seed, same image
+  assert np.abs(x.astype(int) - z.astype(int)).max() > 0
 
 
 @pytest.mark.parametrize(
