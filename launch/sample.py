@@ -1,7 +1,7 @@
 """DiffSFSR inference from a trained workdir: SFSR, face swap, reenactment, expression
 travel, batch jobs from a CSV.
 
-    python -m launch.sample --workdir TRAINED --out OUT --task sfsr \\
+    facediff --workdir TRAINED --out OUT --task sfsr \\
         --background bkg.jpg --id selfie.jpg --expression happiness
     python -m launch.sample --workdir TRAINED --out OUT --task swap --background a.jpg --id b.jpg
     python -m launch.sample --workdir TRAINED --out OUT --task reenact --background a.jpg \\
@@ -365,5 +365,10 @@ def main(argv: Sequence[str]) -> None:
       print(os.path.join(_OUT.value, f))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+  """The ``facediff`` console command."""
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()
