@@ -49,9 +49,9 @@ def main():
 
   from data_pipelines import loaders
   from facediff.diffusion import estimators, schedules
-  from launch import sample as sample_cli
+  from launch import inference
 
-  config, model, params, frozen, step = sample_cli.load_trained(a.workdir)
+  config, model, params, frozen, step = inference.load_trained(a.workdir)
   data = a.data or next(
     (p for p in (os.path.join(a.workdir, "heldout"), config.data.path) if os.path.isdir(p)),
     None,

@@ -155,3 +155,21 @@ def test_guidance_needs_condition_dropout(trained, faces_dir, tmp_path):
   job = _job(task="swap", background=str(faces_dir / "astronaut.png"), id_scale=2.0)
   with pytest.raises(sample_cli.SampleError, match="id_scale=2.0.*condition dropout"):
     sample_cli.run_jobs([job], trained, str(tmp_path / "o"), progress=False)
+
+
+def test_evaluate_scores_every_task(trained):
+  from launch import evaluate
+
+  _, step, data, results = evaluate.evaluate(
+    trained, None, evaluate.TASKS, num=8, batch=8, steps=2, method="ddim", seed=0
+  )
+  assert step == 1 and data.endswith("data")
+  for task in evaluate.TASKS:
+    r = results[task]
+    assert r["count"] == 8
+    assert 0.0 <= r["ID"] <= 1.0 and -1.0 <= r["ID-cos"] <= 1.0
+    assert r["Exp"] >= 0 and 0 <= r["Pose"] < 180
+  rec = results["reconstruct"]
+  assert rec["MSE"] > 0 and np.isfinite(rec["PSNR"]) and -1 <= rec["SSIM"] <= 1
+  md = evaluate.markdown("tiny", results)
+  assert "| Method | MSE ↓ | PSNR ↑ | SSIM ↑ | ID ↑ | Exp ↓ | Pose ↓ |" in md
