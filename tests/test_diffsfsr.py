@@ -375,7 +375,12 @@ def test_manifest_mismatch_fails_before_compiling(tmp_path):
 
   data = tmp_path / "data"
   fake_shards.write_dataset(
-    str(data), 8, image_size=16, latent_shape=None, embeddings={"id_dlib": 64, "exp_fer": 7}
+    str(data),
+    8,
+    image_size=16,
+    latent_shape=None,
+    embeddings={"id_dlib": 64, "exp_fer": 7},
+    crop_kinds=("dlib150", "fer64"),
   )
   config = _cfg()
   config.data.path = str(data)
