@@ -313,8 +313,7 @@ def _demo_config(variant, steps):
   c = tgdm_configs.get_config(variant)
   c.synthetic_3dmm.update(dict(num_groups=4, per_group=3, image_size=32))
   c.data.image_size = 32
-  c.data.global_batch_size = 4
-  c.mesh = dict(data=1, fsdp=1)
+  c.data.global_batch_size = 8  # one example per virtual device (data=8 mesh)
   c.model.sample_steps = 4
   c.optim.update(dict(lr=1e-3, warmup_steps=0))
   c.ema.decay = 0.0
