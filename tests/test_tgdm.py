@@ -242,6 +242,8 @@ def test_tgdm_loss_term_by_term_and_gate():
   eps = 0.5 * x_t + shift
   l_simple = np.mean((noise - eps) ** 2)  # Eq. 18 (MSE)
   x0_hat = (x_t - np.sqrt(1 - abar) * eps) / np.sqrt(abar)  # Eq. 5
+  assert np.abs(x0_hat[1]).max() > 1  # t = 900: the clip below matters
+  x0_hat = np.clip(x0_hat, -1.0, 1.0)  # facediff's clip (the paper is silent)
   l_rec = np.mean((x0_hat - x0) ** 2)  # Eq. 19 (MSE)
   lpips_jit = jax.jit(lambda a, b: lpips_model.apply_lpips(lp_cfg, lp_params, a, b))
   l_p = float(np.mean(lpips_jit(x0_hat.astype(np.float32), x0)))  # Eq. 20
@@ -264,6 +266,52 @@ def test_tgdm_loss_term_by_term_and_gate():
     gate = tgdm_losses.update_gate(gate, value, 0.05)
     seen.append(int(gate))
   assert seen == [0, 0, 0, 1, 1, 1]
+
+
+def test_tgdm_image_terms_are_bounded_at_the_last_timestep():
+  """At t = T - 1 (abar = 4e-5) an untrained eps_hat makes the unclipped one-step x0
+  estimate of Eq. 5 explode; with facediff's clip to [-1, 1] L_rec <= 4 (the largest
+  squared distance inside [-1, 1]) and LPIPS stays finite and small."""
+  rng = np.random.default_rng(6)
+  x0 = rng.uniform(-1, 1, size=(2, 16, 16, 3)).astype(np.float32)
+  noise = rng.normal(size=x0.shape).astype(np.float32)
+  t = np.array([999, 999], np.int32)
+  schedule = make_schedule("linear")
+  lp_cfg = lpips_model.LPIPSConfig(
+    vgg=vgg16_model.VGG16Config(stage_channels=(4, 8, 8, 8, 8), stage_depths=(1, 1, 1, 1, 1))
+  )
+  lp_params = jax.tree.map(
+    lambda a: rng.uniform(0, 0.5, a.shape).astype(np.float32),
+    nn.unbox(lpips_model.abstract_params(lp_cfg)),
+  )
+  wrong = rng.normal(size=x0.shape).astype(np.float32)  # an untrained eps_hat
+
+  def run(clip):
+    return tgdm_losses.tgdm_loss(
+      lambda x, tt, c: wrong,
+      schedule,
+      x0,
+      {},
+      None,
+      gate=np.int32(1),
+      lpips_params=lp_params,
+      lpips_config=lp_cfg,
+      t=t,
+      noise=noise,
+      clip_x0=clip,
+    )
+
+  _, raw = jax.jit(lambda: run(None))()
+  _, clipped = jax.jit(lambda: run(1.0))()
+  abar = float(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))[999])
+  x_t = np.sqrt(abar) * x0 + np.sqrt(1 - abar) * noise
+  x0_hat = (x_t - np.sqrt(1 - abar) * wrong) / np.sqrt(abar)  # Eq. 5, unclipped
+  np.testing.assert_allclose(raw["l_rec"], np.mean((x0_hat - x0) ** 2), rtol=1e-4)
+  assert float(raw["l_rec"]) > 1e3  # the doubt of the review: it explodes
+  want = np.mean((np.clip(x0_hat, -1, 1) - x0) ** 2)
+  np.testing.assert_allclose(clipped["l_rec"], want, rtol=1e-5)
+  assert 0 < float(clipped["l_rec"]) <= 4.0
+  assert np.isfinite(float(clipped["lpips"])) and float(clipped["lpips"]) < float(raw["lpips"])
 
 
 # ---- synthetic dataset, loader pairs, task ----

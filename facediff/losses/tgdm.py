@@ -11,6 +11,14 @@ Norms: Eq. 18 and 19 are written as ||.||_2, while Sec. 5.1 calls both terms "MS
 and compares the noise one with 0.05; we take both as mean squared errors (the DDPM
 L_simple), averaged over every pixel, channel and example. The face-swap model (Sec. 4.4)
 is trained with the same Eq. 21.
+
+Clipping: the one-step estimate Z0_hat of Eq. 5 divides by sqrt(abar_t), which is
+0.006 at t = T - 1 of the linear schedule, so an untrained eps_hat makes Z0_hat
+(and L_rec) explode (~1e3 at init). The paper is silent on this; facediff clips Z0_hat
+to the image range [-1, 1] before L_rec and LPIPS (``clip_x0``, as DDPM/DDIM samplers
+clip their x0 prediction), which bounds L_rec by 4 and keeps LPIPS in its input range.
+The gradient of L_rec and LPIPS is then zero at pixels where Z0_hat is outside [-1, 1];
+L_simple still trains eps there.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ LAMBDA_SIMPLE = 10.0
 LAMBDA_REC = 1.0
 LAMBDA_P = 1.0
 GATE_THRESHOLD = 0.05
+X0_CLIP = 1.0
 
 
 def mse(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -79,14 +88,17 @@ def tgdm_loss(
   lambda_p: float = LAMBDA_P,
   t: jax.Array | None = None,
   noise: jax.Array | None = None,
+  clip_x0: float | None = X0_CLIP,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """TGDM Eq. 18-21 on a batch of targets ``x0`` = I_d (B, H, W, 3) in [-1, 1].
 
   Z_t = sqrt(abar_t) I_d + sqrt(1 - abar_t) eps (Eq. 2); eps_hat = eps_fn(Z_t, t, cond);
   L_simple = mse(eps, eps_hat) (Eq. 18); Z0_hat = (Z_t - sqrt(1 - abar_t) eps_hat) /
-  sqrt(abar_t) (Eq. 5; the paper's alpha_t there is the cumulative abar_t of Eq. 2);
-  L_rec = mse(Z0_hat, I_d) (Eq. 19); L_p = LPIPS(Z0_hat, I_d) (Eq. 20, the LPIPS distance
-  of the paper's ref. [95], batch mean, frozen ``lpips_params``); total by ``total_loss``.
+  sqrt(abar_t) (Eq. 5; the paper's alpha_t there is the cumulative abar_t of Eq. 2),
+  clipped to [-clip_x0, clip_x0] (facediff's choice, see the module docstring; None
+  disables); L_rec = mse(Z0_hat, I_d) (Eq. 19); L_p = LPIPS(Z0_hat, I_d) (Eq. 20, the
+  LPIPS distance of the paper's ref. [95], batch mean, frozen ``lpips_params``); total by
+  ``total_loss``.
 
   ``gate`` (0/1, from the trainer's state) selects the image terms; while it is 0 the
   LPIPS network is not run (``lax.cond``) and ``lpips`` is reported as 0; L_rec is cheap
@@ -101,6 +113,8 @@ def tgdm_loss(
   eps = eps_fn(x_t, t, cond)
   l_simple = mse(noise, eps)
   x0_hat = predict_x0(schedule, x_t, t, eps)
+  if clip_x0 is not None:
+    x0_hat = jnp.clip(x0_hat, -clip_x0, clip_x0)
   l_rec = mse(x0_hat, x0)
   on = jnp.asarray(gate) > 0
   l_p = jax.lax.cond(
