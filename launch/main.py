@@ -265,26 +265,30 @@ def markdown(summary: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config",
-  os.path.join(ROOT, "configs", "diffsfsr.py") + ":tiny",
-  "Experiment config (``configs/diffsfsr.py:<variant>``); any field is overridable with "
-  "--config.<field>=<value>.",
-  lock_config=True,
-)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.", required=True)
-_T2I_MODEL = flags.DEFINE_string(
-  "t2i_model", "", "SD-1.x weights (diffusers folder or .ckpt/.safetensors) for backgrounds."
-)
+def define_flags() -> None:
+  """The command line's flags (defined when it runs: importing ``run`` defines none)."""
+  config_flags.DEFINE_config_file(
+    "config",
+    os.path.join(ROOT, "configs", "diffsfsr.py") + ":tiny",
+    "Experiment config (``configs/diffsfsr.py:<variant>``); any field is overridable with "
+    "--config.<field>=<value>.",
+    lock_config=True,
+  )
+  flags.DEFINE_string("workdir", None, "Output folder.", required=True)
+  flags.DEFINE_string(
+    "t2i_model", "", "SD-1.x weights (diffusers folder or .ckpt/.safetensors) for backgrounds."
+  )
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  summary = run(_CONFIG.value, _WORKDIR.value, _T2I_MODEL.value)
+  F = flags.FLAGS
+  summary = run(F.config, F.workdir, F.t2i_model)
   print(markdown(summary))
   print(f"summary: {os.path.join(summary['workdir'], 'summary.json')}")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -44,27 +44,32 @@ from launch import inference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("sfsr", "swap", "reenact")
+FLAGS = flags.FLAGS
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A launch.train / launch.main workdir.")
-_OUT = flags.DEFINE_string("out", None, "Output folder.")
-_TASK = flags.DEFINE_enum("task", "sfsr", TASKS, "What to generate.")
-_BACKGROUND = flags.DEFINE_string("background", None, "Background photo.")
-_PROMPT = flags.DEFINE_string("prompt", None, "Background from text (needs --t2i_model).")
-_T2I = flags.DEFINE_string("t2i_model", "", "SD-1.x weights for --prompt.")
-_ID = flags.DEFINE_string("id", None, "Identity photo (a selfie).")
-_EXPRESSION = flags.DEFINE_string("expression", None, "Expression word (135-word vocabulary).")
-_EXPRESSION_IMAGE = flags.DEFINE_string("expression_image", None, "Expression reference photo.")
-_INDEX = flags.DEFINE_string("expression_index", None, "Dataset for --expression retrieval.")
-_TRAVEL = flags.DEFINE_string("travel", None, "WORD_A,WORD_B: expression travel.")
-_FRAMES = flags.DEFINE_integer("frames", 8, "Frames of --travel.")
-_CSV = flags.DEFINE_string("csv", None, "Batch jobs: columns task,background,id,expression,...")
-_STEPS = flags.DEFINE_integer("steps", 50, "Sampler steps.")
-_METHOD = flags.DEFINE_enum("method", "pndm", ("pndm", "ddim", "ddpm"), "Sampler.")
-_SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
-_ID_SCALE = flags.DEFINE_float("id_scale", 1.0, "Identity guidance (needs id_dropout > 0).")
-_EXP_SCALE = flags.DEFINE_float("exp_scale", 1.0, "Expression guidance (needs exp_dropout > 0).")
-_CACHE = flags.DEFINE_string("compile_cache", None, "Persistent XLA compilation cache folder.")
-_WEIGHTS = flags.DEFINE_multi_string("weights", [], "Encoder weights NAME=PATH (as the exporter).")
+
+def define_flags() -> None:
+  """The command line's flags (defined when it runs, so importing this module for
+  ``run_jobs`` defines none)."""
+  flags.DEFINE_string("workdir", None, "A launch.train / launch.main workdir.")
+  flags.DEFINE_string("out", None, "Output folder.")
+  flags.DEFINE_enum("task", "sfsr", TASKS, "What to generate.")
+  flags.DEFINE_string("background", None, "Background photo.")
+  flags.DEFINE_string("prompt", None, "Background from text (needs --t2i_model).")
+  flags.DEFINE_string("t2i_model", "", "SD-1.x weights for --prompt.")
+  flags.DEFINE_string("id", None, "Identity photo (a selfie).")
+  flags.DEFINE_string("expression", None, "Expression word (135-word vocabulary).")
+  flags.DEFINE_string("expression_image", None, "Expression reference photo.")
+  flags.DEFINE_string("expression_index", None, "Dataset for --expression retrieval.")
+  flags.DEFINE_string("travel", None, "WORD_A,WORD_B: expression travel.")
+  flags.DEFINE_integer("frames", 8, "Frames of --travel.")
+  flags.DEFINE_string("csv", None, "Batch jobs: columns task,background,id,expression,...")
+  flags.DEFINE_integer("steps", 50, "Sampler steps.")
+  flags.DEFINE_enum("method", "pndm", ("pndm", "ddim", "ddpm"), "Sampler.")
+  flags.DEFINE_integer("seed", 0, "Noise seed.")
+  flags.DEFINE_float("id_scale", 1.0, "Identity guidance (needs id_dropout > 0).")
+  flags.DEFINE_float("exp_scale", 1.0, "Expression guidance (needs exp_dropout > 0).")
+  flags.DEFINE_string("compile_cache", None, "Persistent XLA compilation cache folder.")
+  flags.DEFINE_multi_string("weights", [], "Encoder weights NAME=PATH (as the exporter).")
 
 
 SampleError = inference.SampleError
@@ -217,18 +222,18 @@ def run_jobs(jobs: list[dict], workdir: str, out: str, *, weights=(), progress=T
 
 def jobs_from_flags() -> list[dict]:
   common = dict(
-    steps=_STEPS.value,
-    method=_METHOD.value,
-    seed=_SEED.value,
-    id_scale=_ID_SCALE.value,
-    exp_scale=_EXP_SCALE.value,
-    index=_INDEX.value,
-    frames=_FRAMES.value,
+    steps=FLAGS.steps,
+    method=FLAGS.method,
+    seed=FLAGS.seed,
+    id_scale=FLAGS.id_scale,
+    exp_scale=FLAGS.exp_scale,
+    index=FLAGS.expression_index,
+    frames=FLAGS.frames,
   )
-  if _CSV.value:
-    if not os.path.isfile(_CSV.value):
-      raise SampleError(f"--csv {_CSV.value}: no such file")
-    with open(_CSV.value, newline="") as f:
+  if FLAGS.csv:
+    if not os.path.isfile(FLAGS.csv):
+      raise SampleError(f"--csv {FLAGS.csv}: no such file")
+    with open(FLAGS.csv, newline="") as f:
       rows = list(csv.DictReader(f))
     jobs = []
     for i, row in enumerate(rows):
@@ -236,7 +241,7 @@ def jobs_from_flags() -> list[dict]:
       job.update({k: v for k, v in row.items() if v not in (None, "")})
       job.setdefault("task", "sfsr")
       if job["task"] not in TASKS:
-        raise SampleError(f"{_CSV.value} row {i + 2}: task {job['task']!r} (one of {TASKS})")
+        raise SampleError(f"{FLAGS.csv} row {i + 2}: task {job['task']!r} (one of {TASKS})")
       for k in ("steps", "seed", "frames"):
         job[k] = int(job[k])
       for k in ("id_scale", "exp_scale"):
@@ -245,15 +250,15 @@ def jobs_from_flags() -> list[dict]:
     return jobs
   job = dict(
     common,
-    task=_TASK.value,
-    background=_BACKGROUND.value,
-    id=_ID.value,
-    expression=_EXPRESSION.value,
-    expression_image=_EXPRESSION_IMAGE.value,
-    travel=_TRAVEL.value,
+    task=FLAGS.task,
+    background=FLAGS.background,
+    id=FLAGS.id,
+    expression=FLAGS.expression,
+    expression_image=FLAGS.expression_image,
+    travel=FLAGS.travel,
   )
-  if _PROMPT.value:
-    job["background"] = background_from_prompt(_PROMPT.value, _T2I.value, _SEED.value)
+  if FLAGS.prompt:
+    job["background"] = background_from_prompt(FLAGS.prompt, FLAGS.t2i_model, FLAGS.seed)
   return [job]
 
 
@@ -272,24 +277,25 @@ def background_from_prompt(prompt: str, model: str, seed: int) -> str:
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value or not _OUT.value:
+  if not FLAGS.workdir or not FLAGS.out:
     raise app.UsageError("--workdir and --out are required")
-  if _CACHE.value:
+  if FLAGS.compile_cache:
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", _CACHE.value)
+    jax.config.update("jax_compilation_cache_dir", FLAGS.compile_cache)
   try:
-    record = run_jobs(jobs_from_flags(), _WORKDIR.value, _OUT.value, weights=_WEIGHTS.value)
+    record = run_jobs(jobs_from_flags(), FLAGS.workdir, FLAGS.out, weights=FLAGS.weights)
   except (SampleError, FileNotFoundError, KeyError) as e:
     msg = e.args[0] if isinstance(e, KeyError) and e.args else e
     sys.exit(f"launch.sample: {msg}")
   for j in record["jobs"]:
     for f in j["outputs"]:
-      print(os.path.join(_OUT.value, f))
+      print(os.path.join(FLAGS.out, f))
 
 
 def cli() -> None:
   """The ``facediff`` console command."""
+  define_flags()
   app.run(main)
 
 

@@ -158,7 +158,7 @@ def test_guidance_needs_condition_dropout(trained, faces_dir, tmp_path):
 
 
 def test_evaluate_scores_every_task(trained):
-  from launch import evaluate
+  from launch import evaluation as evaluate
 
   _, step, data, results = evaluate.evaluate(
     trained, None, evaluate.TASKS, num=8, batch=8, steps=2, method="ddim", seed=0
