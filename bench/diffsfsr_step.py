@@ -8,7 +8,7 @@ XLA-counted FLOPs per step, achieved FLOP/s, compiled temporary memory per devic
 and the ratio full / L_DM-only of time and FLOPs.
 
 Sizes:
-  tiny: configs/diffsfsr.py:tiny (64 px pixels, real dlib + fer encoders), batch 8.
+  tiny: configs/diffsfsr.py:tiny (64 px pixels, real dlib + fer encoders), batch 4.
   sd14: the SD-1.4-size configuration with random weights: 860M-parameter UNet on
     64x64x4 latents (512 px images), SD's VAE decoder (rematerialised), ArcFace r50 +
     FaceNet + dlib identity compound and DLN expression, batch 1. About 15 GB of host
@@ -16,10 +16,15 @@ Sizes:
 
 Usage: python bench/diffsfsr_step.py [--sizes tiny,sd14] [--steps 3] [--dtype float32]
 
-Figures: not measured yet. On 2026-11-22 the 2-core dev VM was shared with several
-jobs; the trainer's own log of the tiny step (batch 8, full loss) read 112.8 XLA
-GFLOP per step, 1.1 GB compiled temporaries, 0.08 steps/s at load 7 (not a
-benchmark figure). The sd14 size was not run, and no GPU was lent to this task.
+Seen 2026-11-22 on the 2-core dev VM (a test suite ran beside it, so times are upper
+bounds), tiny (64 px pixels, batch 4), float32, 3 timed steps:
+  size   loss               step s     GFLOP  GFLOP/s  temp GB
+  tiny   L_DM only           1.054      26.2     24.8     0.27   compile 55 s
+  tiny   L_DM + id + exp     3.406      56.4     16.6     0.57   compile 75 s
+  tiny: identity/expression terms cost x3.23 time, x2.16 FLOPs of an L_DM-only step
+(the second UNet call, the dlib ResNet's forward and backward on 150 px chips and
+fer's). The sd14 size was not run (about 15 GB and many minutes of CPU), and no GPU
+was lent to this task: GPU figures are not measured yet.
 """
 
 from __future__ import annotations
