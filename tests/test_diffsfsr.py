@@ -299,6 +299,31 @@ def tiny_sd(tmp_path_factory):
   return str(folder)
 
 
+@pytest.mark.slow  # random ArcFace/FaceNet/DLN inits per variant: ~3 min on 2 cores
+def test_sd14_512_and_its_ablations_trace_from_sd_weights(tiny_sd):
+  """Tracing only (the compiled step is the slow test below): the paper's variant and
+  each ablation on a tiny SD-1.x folder build every loss term, in SD's latent space."""
+  import flax.linen as nn
+
+  for variant in ("sd14_512", "midpoint", "one_step", "single_id", "no_bkg"):
+    config = _cfg(variant, size=16)
+    config.model.init_from = tiny_sd
+    config.model.encoder_weights = dict(
+      id_arcface="random", id_facenet="random", id_dlib="", exp_dln="random"
+    )
+    task = diffsfsr_task.make_task(config)
+    params = jax.eval_shape(lambda task=task: nn.unbox(task.init(jax.random.key(0))))
+    batch = _batch(b=1, config=config)
+    fn = jax.value_and_grad(
+      lambda p, task=task, batch=batch: task.loss_fn(p, task.frozen, batch, jax.random.key(1), {}),
+      has_aux=True,
+    )
+    (loss, metrics), grads = jax.eval_shape(fn, params)
+    assert set(metrics) == {"l_dm", "l_id", "l_exp"}, variant
+    assert params["unet"]["conv_in"]["kernel"].shape[2] == 9  # 4 latent + 4 background + mask
+    assert jax.tree.structure(grads) == jax.tree.structure(params)
+
+
 @pytest.mark.slow  # ArcFace r50, FaceNet and DLN gradients: minutes of compilation on 2 cores
 def test_sd14_512_structure_one_step_from_sd_weights(tiny_sd):
   """sd14_512 on a tiny SD-1.x folder: SD's VAE latents, the widened pretrained UNet
