@@ -115,9 +115,9 @@ def prepare(config, job: dict, tmp: str, weights: Sequence[str]) -> dict:
 
 
 def _png(img: np.ndarray, path: str) -> None:
-  from PIL import Image
+  from facediff.train import writers
 
-  Image.fromarray(np.clip((np.asarray(img) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)).save(path)
+  writers.save_png(writers.image_grid(np.asarray(img)[None]), path)
 
 
 class Sampler:

@@ -88,21 +88,15 @@ def masked_scores(result: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> di
 
 def grid(rows: list[list[np.ndarray]]) -> np.ndarray:
   """Rows of equally sized (H, W, 3) images in [-1, 1] -> one uint8 grid, 2 px gaps."""
-  h, w, _ = rows[0][0].shape
-  gap = 2
-  out = np.full((len(rows) * (h + gap) - gap, len(rows[0]) * (w + gap) - gap, 3), 255, np.uint8)
-  for r, row in enumerate(rows):
-    for c, img in enumerate(row):
-      px = np.clip((np.asarray(img) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-      out[r * (h + gap) : r * (h + gap) + h, c * (w + gap) : c * (w + gap) + w] = px
-  return out
+  from facediff.train import writers
+
+  return writers.image_grid(np.stack([x for row in rows for x in row]), len(rows[0]), gap=2)
 
 
 def _save_png(array: np.ndarray, path: str) -> str:
-  from PIL import Image
+  from facediff.train import writers
 
-  Image.fromarray(array).save(path)
-  return path
+  return writers.save_png(array, path)
 
 
 def pairs(groups: list[list[dict]]) -> dict[str, dict[str, np.ndarray]]:

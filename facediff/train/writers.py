@@ -16,17 +16,20 @@ import numpy as np
 log = logging.getLogger("facediff.train")
 
 
-def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
-  """(B, H, W, C) float in [-1, 1] -> one (rows*H, cols*W, C) uint8 grid."""
+def image_grid(images: np.ndarray, columns: int | None = None, gap: int = 0) -> np.ndarray:
+  """(B, H, W, C) float in [-1, 1] -> one uint8 grid, row-major, ``columns`` wide
+  (default: square), with ``gap`` white pixels between cells."""
   images = np.asarray(images, np.float32)
   b, h, w, c = images.shape
   cols = columns or int(math.ceil(math.sqrt(b)))
   rows = int(math.ceil(b / cols))
-  grid = np.zeros((rows * h, cols * w, c), np.uint8)
+  fill = 255 if gap else 0
+  grid = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, c), fill, np.uint8)
   u8 = np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
   for i in range(b):
     r, k = divmod(i, cols)
-    grid[r * h : (r + 1) * h, k * w : (k + 1) * w] = u8[i]
+    y, x = r * (h + gap), k * (w + gap)
+    grid[y : y + h, x : x + w] = u8[i]
   return grid
 
 
