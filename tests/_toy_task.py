@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from configs import common
 from facediff.models import layers
 from facediff.train import Task
 
@@ -86,30 +87,17 @@ def make_config(**train) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.data = dict(global_batch_size=8, seed=0)
   c.mesh = dict(data=-1, fsdp=1)
-  c.optim = dict(
+  c.optim = common.optim(
     lr=3e-3,
     warmup_steps=2,
     constant_steps=10,
     decay_steps=10,
-    b1=0.9,
     b2=0.99,
-    eps=1e-8,
     weight_decay=1e-4,
-    max_grad_norm=1.0,
   )
   c.ema = dict(decay=0.9)
-  c.train = dict(
-    num_steps=6,
-    seed=0,
-    grad_accum_steps=1,
-    log_every=1,
-    checkpoint_every=3,
-    keep_checkpoints=5,
-    keep_best_metric="",
-    sample_every=3,
-    eval_every=0,
-    profile_steps=[],
-    async_checkpointing=True,
+  c.train = common.train(
+    num_steps=6, log_every=1, checkpoint_every=3, keep_checkpoints=5, sample_every=3
   )
   c.train.update(train)
   return c
