@@ -78,6 +78,13 @@ encoder_names = inference.encoder_names
 expression_embedding = inference.expression_embedding
 
 
+def stored_image_size(config) -> int:
+  """The side of the training set's stored images: user photos are exported alike."""
+  from data_pipelines import records
+
+  return int(records.Manifest.load(config.data.path).fields["image"].shape[0])
+
+
 def prepare(config, job: dict, tmp: str, weights: Sequence[str]) -> dict:
   """Exports the job's photos and returns one model-input batch (numpy, batch 1)."""
   from data_pipelines import loaders, photos
