@@ -1,5 +1,6 @@
 """Flag-free pieces shared by the inference command lines (``launch.sample``,
-``launch.evaluate``): loading a trained DiffSFSR workdir and resolving user inputs."""
+``launch.evaluate``): loading trained DiffSFSR, TGDM and EmoA2E workdirs and resolving
+user inputs."""
 
 from __future__ import annotations
 
@@ -16,24 +17,34 @@ class SampleError(ValueError):
 # ----------------------------------------------------------------------------- model
 
 
-def load_trained(workdir: str):
-  """(config, DiffSFSR, params, frozen, step) from a training workdir."""
+def read_config(workdir: str, expect: str | tuple[str, ...] | None = None):
+  """The ``config.json`` a training run wrote into ``workdir``; ``expect``: the model
+  name(s) the caller can run."""
   import ml_collections
-
-  from facediff import partitioning
-  from facediff.train import checkpoint as ckpt_lib
-  from facediff.train import diffsfsr_task
-  from facediff.train import state as state_lib
 
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise SampleError(f"{workdir}: not a training workdir (no config.json)")
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  if config.model.name != "diffsfsr":
-    raise SampleError(f"{path}: model {config.model.name!r}; launch.sample runs diffsfsr")
-  model = diffsfsr_task.DiffSFSR(config)
-  task = model.task()
+  try:
+    with open(path) as f:
+      config = ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise SampleError(f"{path}: unreadable ({e})") from None
+  name = config.get("model", {}).get("name") if "model" in config else None
+  if expect is not None:
+    names = (expect,) if isinstance(expect, str) else tuple(expect)
+    if name not in names:
+      raise SampleError(f"{path}: model {name!r}; expected {' or '.join(names)}")
+  return config
+
+
+def restore(workdir: str, config, task, *, use_ema: bool = True):
+  """(params, frozen, step) of the latest complete checkpoint of ``workdir``: the EMA
+  params when the run kept them and ``use_ema``, else the trained ones."""
+  from facediff import partitioning
+  from facediff.train import checkpoint as ckpt_lib
+  from facediff.train import state as state_lib
+
   mesh = partitioning.make_mesh({"data": -1, "fsdp": 1})
   with partitioning.activation_rules(mesh):
     abstract, _, _ = state_lib.abstract_state(task, config, mesh)
@@ -44,8 +55,63 @@ def load_trained(workdir: str):
   if restored is None:
     raise SampleError(f"{workdir}/checkpoints: no complete checkpoint")
   state, step = restored
-  params = state.ema_params if state.ema_params is not None else state.params
+  params = state.ema_params if use_ema and state.ema_params is not None else state.params
+  return params, frozen, int(step)
+
+
+def load_trained(workdir: str, *, use_ema: bool = True):
+  """(config, DiffSFSR, params, frozen, step) from a DiffSFSR training workdir."""
+  from facediff.train import diffsfsr_task
+
+  config = read_config(workdir, "diffsfsr")
+  model = diffsfsr_task.DiffSFSR(config)
+  params, frozen, step = restore(workdir, config, model.task(), use_ema=use_ema)
   return config, model, params, frozen, step
+
+
+def tgdm_pipeline(config, emoa2e_config=None):
+  """The TGDMPipeline of a TGDM training config: its denoiser config, its morphable
+  model (``model.bfm_path``, or the synthetic set's) and its sampler settings."""
+  from facediff.pipelines import tgdm as pipe_lib
+  from facediff.train import tgdm_task
+
+  mc = config.model
+  settings = pipe_lib.Settings(
+    schedule=str(mc.schedule),
+    num_train_timesteps=int(mc.num_train_timesteps),
+    method=str(mc.sample_method),
+    num_steps=None if mc.sample_steps is None else int(mc.sample_steps),
+    render_window=int(mc.render_window),
+    coeff_layout=str(config.data.get("coeff_layout", "d3dfr")),
+  )
+  try:
+    morph = tgdm_task.load_morphable_model(config)
+  except FileNotFoundError as e:
+    raise SampleError(str(e)) from None
+  return pipe_lib.TGDMPipeline(
+    tgdm_task.model_config(config), morph, settings, emoa2e_config=emoa2e_config
+  )
+
+
+def load_tgdm(workdir: str, *, use_ema: bool = True, emoa2e_config=None):
+  """(config, TGDMPipeline, params, step) from a TGDM training workdir (reenact or
+  swap mode, ``config.model.mode``)."""
+  from facediff.train import tgdm_task
+
+  config = read_config(workdir, "tgdm")
+  task = tgdm_task.make_task(config)
+  params, _, step = restore(workdir, config, task, use_ema=use_ema)
+  return config, tgdm_pipeline(config, emoa2e_config), params, step
+
+
+def load_emoa2e(workdir: str, *, use_ema: bool = True):
+  """(config, EmoA2EConfig, params, step) from an EmoA2E training workdir."""
+  from facediff.train import emoa2e_task
+
+  config = read_config(workdir, "emoa2e")
+  task = emoa2e_task.make_task(config)
+  params, _, step = restore(workdir, config, task, use_ema=use_ema)
+  return config, emoa2e_task.model_config(config), params, step
 
 
 def encoder_names(config) -> list[str]:
