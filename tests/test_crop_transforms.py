@@ -1,7 +1,6 @@
 """The exporter's crop_<kind> transforms reproduce the encoders' crops from the stored
 face image, and dlib's chip geometry (dlib_chip_matrix) is the one dlib samples."""
 
-import importlib.util
 import io
 import os
 
@@ -13,15 +12,13 @@ import pytest
 from PIL import Image
 
 dlib = pytest.importorskip("dlib")
-from skimage import data  # noqa: E402
+from _photos import IMAGES, astronaut_face  # noqa: E402
+from _photos import cut as _cut  # noqa: E402
 
 from data_pipelines import encoders, export, faces, records  # noqa: E402
 from data_pipelines.encoders import Encoder, Field  # noqa: E402
 from facediff.losses import align  # noqa: E402
 
-IMAGES = os.path.join(
-  os.path.dirname(importlib.util.find_spec("insightface").origin), "data", "images"
-)
 SIZE = 256
 KINDS = ("arcface112", "dlib150", "facenet160", "fer64")
 CV2_BORDERS = {"constant": cv2.BORDER_CONSTANT, "replicate": cv2.BORDER_REPLICATE}
@@ -39,17 +36,6 @@ class CropStub(Encoder):
 
   def __call__(self, batch):
     return {f"mean_{self.crop}": batch.reshape(len(batch), -1).mean(1)}
-
-
-def _cut(img, det, margin):
-  left, top, right, bottom = det.rect
-  m = int((right - left) * margin)
-  return img[max(0, top - m) : bottom + m, max(0, left - m) : right + m]
-
-
-def astronaut_face():
-  astro = data.astronaut()  # a weak second hit on the suit scores lower than the face
-  return _cut(astro, faces.FaceDetector()(astro)[0], 1.0)
 
 
 @pytest.fixture(scope="module")

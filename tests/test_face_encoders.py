@@ -14,7 +14,8 @@ from PIL import Image
 pytest.importorskip("dlib")
 pytest.importorskip("fer")
 
-from test_crop_transforms import IMAGES, _cut, astronaut_face  # noqa: E402
+from _photos import IMAGES, astronaut_face  # noqa: E402
+from _photos import cut as _cut  # noqa: E402
 
 from data_pipelines import export, loaders  # noqa: E402
 from facediff.losses import face_encoders  # noqa: E402

@@ -14,7 +14,8 @@ from PIL import Image
 
 pytest.importorskip("dlib")
 
-from test_crop_transforms import IMAGES, _cut, astronaut_face  # noqa: E402
+from _photos import IMAGES, astronaut_face  # noqa: E402
+from _photos import cut as _cut  # noqa: E402
 
 from configs import diffsfsr as diffsfsr_config  # noqa: E402
 from launch import runner  # noqa: E402
