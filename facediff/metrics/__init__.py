@@ -10,8 +10,9 @@ Identity / expression / landmarks (``identity``; embeddings from
 Head pose (``pose``; host numpy + OpenCV): ``head_pose``, ``pose_error``,
 ``pose_distance``.
 FID (``fid``): ``inception_features`` (the FID Inception port, jit-compiled and batched;
-  weights from the user's pytorch-fid file), then host numpy + scipy:
-  ``feature_statistics``, ``frechet_distance``, ``fid_from_features``.
+  weights from the user's pytorch-fid file), then host numpy:
+  ``feature_statistics``, ``frechet_distance`` (with ``trace_sqrt_product``),
+  ``fid_from_features``.
 Reporting (``table``): ``format_table``, ``Metric``, ``METRICS``.
 """
 
@@ -20,6 +21,7 @@ from facediff.metrics.fid import (
   fid_from_features,
   frechet_distance,
   inception_features,
+  trace_sqrt_product,
 )
 from facediff.metrics.identity import (
   MOUTH,
@@ -57,4 +59,5 @@ __all__ = [
   "retrieval_accuracy",
   "retrieve",
   "ssim",
+  "trace_sqrt_product",
 ]
