@@ -2,6 +2,8 @@
 
     python -m launch.evaluate --workdir TRAINED [--data DIR] [--tasks swap,reenact,sfsr]
         [--num 64] [--batch 8] [--steps 50] [--method pndm] [--out DIR]
+        [--inception pt_inception-2015-12-05-6726825d.pth] [--lpips_vgg16 vgg16.pth]
+        [--save_samples]
 
 For each task (``reconstruct``, ``swap``, ``reenact``, ``sfsr``: the loaders'
 ``make_eval_triplets``, deterministic in ``--seed``), samples every triplet with one
@@ -20,9 +22,15 @@ compiled, mesh-sharded sampler and scores the results with ``facediff.metrics``:
   the result inside the background's landmark box; the background's stored landmarks)
   through solvePnP on a generic 3D face (``metrics.head_pose``).
 * MSE, PSNR, SSIM against the background for ``reconstruct`` (the result should
-  reproduce it).
+  reproduce it); LPIPS too with ``--lpips_vgg16`` (a torchvision VGG16 state dict; the
+  linear heads are the lpips package's).
+* LMD: mean distance in pixels between the 68 landmarks found on the result and the
+  background's stored ones.
+* FID with ``--inception`` (pytorch-fid's FID Inception weights): each task's results
+  against the real images of the evaluation set (every record).
 
-Writes ``OUT/evaluation.json`` and ``OUT/evaluation.md`` (default OUT: the workdir).
+Writes ``OUT/evaluation.json`` and ``OUT/evaluation.md`` (default OUT: the workdir), and
+with ``--save_samples`` each task's results as ``OUT/samples/<task>.npz``.
 Defaults to the workdir's held-out demo set when it has one, else its training set.
 """
 
@@ -46,6 +54,13 @@ _STEPS = flags.DEFINE_integer("steps", 50, "Sampler steps.")
 _METHOD = flags.DEFINE_enum("method", "pndm", ("pndm", "ddim", "ddpm"), "Sampler.")
 _SEED = flags.DEFINE_integer("seed", 0, "Triplet and noise seed.")
 _OUT = flags.DEFINE_string("out", None, "Output folder (default: the workdir).")
+_INCEPTION = flags.DEFINE_string(
+  "inception", None, "pytorch-fid's FID Inception weights (.pth): adds FID."
+)
+_LPIPS_VGG16 = flags.DEFINE_string(
+  "lpips_vgg16", None, "torchvision VGG16 state dict: adds LPIPS to reconstruct."
+)
+_SAVE_SAMPLES = flags.DEFINE_bool("save_samples", False, "Write OUT/samples/<task>.npz.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -58,6 +73,7 @@ def main(argv: Sequence[str]) -> None:
   bad = [t for t in _TASKS.value if t not in evaluation.TASKS]
   if bad:
     sys.exit(f"launch.evaluate: --tasks {bad}: unknown (one of {evaluation.TASKS})")
+  out = _OUT.value or _WORKDIR.value
   try:
     config, step, data, results = evaluation.evaluate(
       _WORKDIR.value,
@@ -68,10 +84,12 @@ def main(argv: Sequence[str]) -> None:
       _STEPS.value,
       _METHOD.value,
       _SEED.value,
+      inception=_INCEPTION.value,
+      lpips_vgg16=_LPIPS_VGG16.value,
+      samples_dir=os.path.join(out, "samples") if _SAVE_SAMPLES.value else None,
     )
   except (inference.SampleError, FileNotFoundError, KeyError, ValueError) as e:
     sys.exit(f"launch.evaluate: {e}")
-  out = _OUT.value or _WORKDIR.value
   os.makedirs(out, exist_ok=True)
   name = f"facediff {config.get('variant', '')} @ {step}"
   md = evaluation.markdown(name, results)

@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import scipy.linalg
 
 from facediff import metrics
 
@@ -60,6 +61,27 @@ def test_frechet_distance_singular_covariances():
   assert math.isfinite(got) and got > 0
   with pytest.raises(ValueError, match="do not agree"):
     metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
+
+
+def test_trace_sqrt_product_matches_sqrtm_and_rank_one_closed_form():
+  """Full rank: the trace of scipy's sqrtm(s1 s2) (pytorch-fid's computation). Rank one
+  (two samples each): s1 = u u^T, s2 = v v^T give Tr((s1 s2)^(1/2)) = |u . v|; for these
+  integer features sqrtm(s1 s2) has imaginary parts of 1.6 on its diagonal (pytorch-fid
+  raises "Imaginary component"), the eigenvalue form is exact."""
+  rng = np.random.default_rng(5)
+  a, b = rng.normal(size=(2, 40, 6)) * [1, 2, 3, 1, 0.5, 1]
+  s1, s2 = np.cov(a.T), np.cov(b.T)
+  want = np.trace(scipy.linalg.sqrtm(s1 @ s2)).real
+  assert metrics.trace_sqrt_product(s1, s2) == pytest.approx(want, rel=1e-10)
+
+  a = np.array([[-2.0, 2.0, 2.0, -2.0], [2.0, -2.0, 0.0, 2.0]])
+  b = np.array([[0.0, 1.0, 2.0, 1.0], [-2.0, 0.0, -2.0, -2.0]])
+  (mu1, s1), (mu2, s2) = metrics.feature_statistics(a), metrics.feature_statistics(b)
+  u, v = (a[0] - a[1]) / np.sqrt(2), (b[0] - b[1]) / np.sqrt(2)
+  np.testing.assert_allclose(s1, np.outer(u, u))
+  assert metrics.trace_sqrt_product(s1, s2) == pytest.approx(abs(u @ v), rel=1e-7)
+  want = np.sum((mu1 - mu2) ** 2) + u @ u + v @ v - 2 * abs(u @ v)
+  assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-7)
 
 
 def test_format_table():

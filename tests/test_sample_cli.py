@@ -158,19 +158,97 @@ def test_guidance_needs_condition_dropout(trained, faces_dir, tmp_path):
     sample_cli.run_jobs([job], trained, str(tmp_path / "o"), progress=False)
 
 
-def test_evaluate_scores_every_task(trained):
+# torchvision's vgg16().features: conv3x3 + ReLU, "M" = 2x2 max-pool.
+_VGG16_D = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+
+def _random_vgg16(torch, path):
+  """A torchvision-layout VGG16 trunk state dict (``features.<i>.weight/bias``), He-normal."""
+  g = torch.Generator().manual_seed(0)
+  sd, c, idx = {}, 3, 0
+  for v in _VGG16_D:
+    if v == "M":
+      idx += 1
+      continue
+    sd[f"features.{idx}.weight"] = torch.randn(v, c, 3, 3, generator=g) * (2.0 / (9 * c)) ** 0.5
+    sd[f"features.{idx}.bias"] = 0.01 * torch.randn(v, generator=g)
+    c, idx = v, idx + 2  # conv, ReLU
+  torch.save(sd, path)
+
+
+def _torch_pool3(torch, net, images):
+  """pool_3 of the torch reference on NHWC images in [-1, 1] (pytorch-fid takes [0, 1])."""
+  x = torch.from_numpy((np.clip(images, -1, 1) + 1) / 2).permute(0, 3, 1, 2).contiguous()
+  with torch.no_grad():
+    return net(x)[0].numpy()
+
+
+def test_evaluate_scores_every_task(trained, tmp_path):
+  """All tasks with a tiny random FID Inception and VGG16 saved with torch.save: FID equals
+  frechet_distance of features from the torch reference network on the saved samples and
+  the evaluation set's images, LPIPS equals metrics.lpips on the (result, background)
+  pairs, LMD the landmark distance written out."""
+  torch = pytest.importorskip("torch")
+  import _torch_fid_inception as fid_ref
+
+  from data_pipelines import loaders, records
+  from facediff import metrics
+  from facediff.convert import lpips as lpips_convert
   from launch import evaluation as evaluate
 
+  calibration = torch.rand(2, 3, 80, 80, generator=torch.Generator().manual_seed(0))
+  net = fid_ref.randomise(fid_ref.FIDInception(16), 0, calibration)
+  torch.save(net.state_dict(), tmp_path / "inception.pth")
+  _random_vgg16(torch, tmp_path / "vgg16.pth")
   _, step, data, results = evaluate.evaluate(
-    trained, None, evaluate.TASKS, num=8, batch=8, steps=2, method="ddim", seed=0
+    trained,
+    None,
+    evaluate.TASKS,
+    num=8,
+    batch=8,
+    steps=2,
+    method="ddim",
+    seed=0,
+    inception=str(tmp_path / "inception.pth"),
+    lpips_vgg16=str(tmp_path / "vgg16.pth"),
+    samples_dir=str(tmp_path / "samples"),
   )
   assert step == 1 and data.endswith("data")
+  recs = list(records.iter_records(data))
+  side = records.Manifest.load(data).fields["image"].shape[0]
+  size = diffsfsr_config.get_config("tiny").data.image_size  # the fixture's
+  reals = np.stack([loaders.decode_image(r["image"], size) for r in recs])
+  real_feats = _torch_pool3(torch, net, reals)
   for task in evaluate.TASKS:
     r = results[task]
     assert r["count"] == 8
     assert 0.0 <= r["ID"] <= 1.0 and -1.0 <= r["ID-cos"] <= 1.0
     assert r["Exp"] >= 0 and 0 <= r["Pose"] < 180
+    smp = np.load(tmp_path / "samples" / f"{task}.npz")
+    assert smp["images"].shape == (8, size, size, 3)
+    gen = _torch_pool3(torch, net, smp["images"])
+    want = metrics.frechet_distance(
+      *metrics.feature_statistics(gen), *metrics.feature_statistics(real_feats)
+    )
+    print(f"\n{task}: FID {r['FID']:.6f} vs torch features {want:.6f}, LMD {r['LMD']:.3f}")
+    assert r["FID"] == pytest.approx(want, rel=1e-4)
+    bkg_lm = np.stack([recs[i]["landmarks"] for i in smp["bkg"]]).astype(np.float64) * (size / side)
+    dist = np.sqrt(((smp["landmarks"].astype(np.float64) - bkg_lm) ** 2).sum(-1))  # (8, 68)
+    assert r["LMD"] == pytest.approx(dist.mean(axis=1).mean(), rel=1e-5)
   rec = results["reconstruct"]
   assert rec["MSE"] > 0 and np.isfinite(rec["PSNR"]) and -1 <= rec["SSIM"] <= 1
+  smp = np.load(tmp_path / "samples" / "reconstruct.npz")
+  bkg = np.stack([loaders.decode_image(recs[i]["image"], size) for i in smp["bkg"]])
+  params = lpips_convert.load_params(tmp_path / "vgg16.pth")
+  want = float(np.mean(metrics.lpips(params, smp["images"], bkg)))
+  print(f"reconstruct LPIPS {rec['LPIPS']:.6f} vs metrics.lpips {want:.6f}")
+  assert want > 0 and rec["LPIPS"] == pytest.approx(want, rel=1e-5)
+  assert all("LPIPS" not in results[t] for t in ("swap", "reenact", "sfsr"))
   md = evaluate.markdown("tiny", results)
-  assert "| Method | MSE ↓ | PSNR ↑ | SSIM ↑ | ID ↑ | Exp ↓ | Pose ↓ |" in md
+  header = "| Method | MSE ↓ | PSNR ↑ | SSIM ↑ | LPIPS ↓ | ID ↑ | Exp ↓ | Pose ↓ | LMD ↓ | FID ↓ |"
+  assert header in md
+  assert "| Method | ID ↑ | Exp ↓ | Pose ↓ | LMD ↓ | FID ↓ |" in md
+  # Without the optional networks, their columns are left out.
+  plain = {t: {k: v for k, v in r.items() if k not in ("FID", "LPIPS")} for t, r in results.items()}
+  md = evaluate.markdown("tiny", plain)
+  assert "| Method | MSE ↓ | PSNR ↑ | SSIM ↑ | ID ↑ | Exp ↓ | Pose ↓ | LMD ↓ |" in md

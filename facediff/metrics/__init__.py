@@ -9,12 +9,20 @@ Identity / expression / landmarks (``identity``; embeddings from
 (and ``retrieve``), ``expression_error``, ``landmark_distance``.
 Head pose (``pose``; host numpy + OpenCV): ``head_pose``, ``pose_error``,
 ``pose_distance``.
-FID (``fid``; host numpy + scipy, features from a user-supplied Inception):
-  ``feature_statistics``, ``frechet_distance``.
+FID (``fid``): ``inception_features`` (the FID Inception port, jit-compiled and batched;
+  weights from the user's pytorch-fid file), then host numpy:
+  ``feature_statistics``, ``frechet_distance`` (with ``trace_sqrt_product``),
+  ``fid_from_features``.
 Reporting (``table``): ``format_table``, ``Metric``, ``METRICS``.
 """
 
-from facediff.metrics.fid import feature_statistics, frechet_distance
+from facediff.metrics.fid import (
+  feature_statistics,
+  fid_from_features,
+  frechet_distance,
+  inception_features,
+  trace_sqrt_product,
+)
 from facediff.metrics.identity import (
   MOUTH,
   expression_error,
@@ -35,11 +43,13 @@ __all__ = [
   "expression_error",
   "feature_statistics",
   "face_embeddings",
+  "fid_from_features",
   "format_table",
   "frechet_distance",
   "head_pose",
   "identity_cosine",
   "image_metrics",
+  "inception_features",
   "landmark_distance",
   "lpips",
   "mse",
@@ -49,4 +59,5 @@ __all__ = [
   "retrieval_accuracy",
   "retrieve",
   "ssim",
+  "trace_sqrt_product",
 ]
