@@ -9,7 +9,8 @@
    embedding shards: ``DIR/data`` for training and a held-out set drawn with another
    seed, ``DIR/heldout``.
 2. Trains the config (``launch.train.run``: checkpoints, metrics.jsonl, TensorBoard,
-   preview samples in DIR); a second start resumes.
+   preview samples in DIR; with ``--config.train.eval_every=N`` the trainer's periodic
+   evaluation on the held-out set); a second start resumes.
 3. Measures L_DM on every held-out record at fixed timesteps and fixed noise with the
    initial params and with the trained (EMA) params.
 4. Samples swap, reenact and SFSR results for held-out triplets with the config's
@@ -185,6 +186,9 @@ def run(config, workdir: str, t2i_model: str = "") -> dict:
     shard_size=d.shard_size,
   )
   summary["heldout"] = {"path": heldout_dir, "records": manifest.num_records}
+  if not config.data.get("eval_path", ""):  # the trainer's periodic evaluation (eval_every)
+    with config.unlocked():
+      config.data.eval_path = heldout_dir
   model = diffsfsr_task.DiffSFSR(config)
   task = model.task()
   mesh = partitioning.make_mesh(dict(config.mesh))

@@ -44,6 +44,22 @@ def build_train_iterator(config, mesh):
   return loaders.make_train_iterator(config, mesh)
 
 
+def build_eval_batch(config, mesh):
+  """The fixed batch of the trainer's periodic evaluation (``task.eval_fn``): the first
+  batch of the training pipeline (same fields, crops and source pairs, shuffled with
+  ``data.seed``) over ``config.data.eval_path``, a held-out dataset, or, when that is
+  empty, over the training set ``config.data.path`` (then it is the first batch a run
+  from step 0 trains on). The same batch at every evaluation and after every resume."""
+  from data_pipelines import loaders  # noqa: PLC0415
+
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    c.data.path = str(config.data.get("eval_path", "") or "") or str(config.data.path)
+    c.data.num_workers = 0
+    c.data.num_epochs = None
+  return next(loaders.make_train_iterator(c, mesh))
+
+
 def run(config, workdir: str, task=None) -> dict:
   """Trains ``config`` in ``workdir`` (resuming); ``task`` defaults to ``build_task``.
   With an empty ``config.data.path`` (shards) the demo dataset is built into
@@ -81,4 +97,7 @@ def run(config, workdir: str, task=None) -> dict:
     task = build_task(config)  # config errors surface here, before any data or compile
   mesh = partitioning.make_mesh(dict(config.mesh))
   train_iter = build_train_iterator(config, mesh)
-  return train_and_evaluate(config, workdir, task, train_iter, mesh=mesh)
+  eval_batch = None
+  if task.eval_fn is not None and int(config.train.get("eval_every", 0) or 0) > 0:
+    eval_batch = build_eval_batch(config, mesh)
+  return train_and_evaluate(config, workdir, task, train_iter, mesh=mesh, eval_batch=eval_batch)
