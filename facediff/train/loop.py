@@ -198,6 +198,8 @@ def train_and_evaluate(
     if evaluate is None and task.eval_fn is not None and eval_every > 0:
       fixed = batch if eval_batch is None else place_batch(eval_batch, mesh, gbs)
       evaluate = make_evaluator(task, config, mesh, shardings.params, frozen_sh, fixed)
+      if tc.get("keep_best_metric", ""):  # a wrong name fails now, not at the first eval
+        _check_best_metric(tc, dict.fromkeys(evaluate.metric_names(state, frozen), 0.0))
     sample_jit = jax.jit(task.sample_fn) if task.sample_fn is not None else None
     progress = Progress(total, gbs, start)
     profile = list(tc.get("profile_steps", []) or [])
