@@ -123,7 +123,9 @@ def make_condition(config, cfg: tgdm.TGDMConfig, model, batch) -> tuple[jax.Arra
   return target, cond
 
 
-def make_task(config) -> Task:
+def check_config(config) -> tgdm.TGDMConfig:
+  """The denoiser's config, after the checks that need no data or weights (a bad mode,
+  missing fields): raises ValueError naming the field."""
   mc = config.model
   if mc.mode not in tgdm.MODES:
     raise ValueError(f"config.model.mode={mc.mode!r}: one of {tgdm.MODES}")
@@ -131,7 +133,12 @@ def make_task(config) -> Task:
     raise ValueError("TGDM needs config.data.coeff_field (the 3DMM coefficients)")
   if mc.mode == "reenact" and not config.data.get("pair_field", ""):
     raise ValueError("TGDM reenact needs config.data.pair_field (source from the same group)")
-  cfg = model_config(config)
+  return model_config(config)
+
+
+def make_task(config) -> Task:
+  mc = config.model
+  cfg = check_config(config)
   schedule = make_schedule(str(mc.schedule), int(mc.num_train_timesteps))
   threshold = float(mc.gate_threshold)
   lambdas = dict(
