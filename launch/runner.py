@@ -29,6 +29,16 @@ def build_task(config):
   raise ValueError(f"config.model.name={name!r}: unknown model (known: {', '.join(TASKS)})")
 
 
+def check_task_config(config) -> None:
+  """The task's config checks that need no data or weights, for tasks built after the
+  demo dataset (TGDM reads its morphable model from it): a bad field fails before the
+  dataset is built."""
+  if config.model.name == "tgdm":
+    from facediff.train import tgdm_task  # noqa: PLC0415
+
+    tgdm_task.check_config(config)
+
+
 def build_train_iterator(config, mesh):
   """The training batches ``config.data.source`` names: "synthetic_audio" (EmoA2E's
   in-memory set, data_pipelines/synthetic_audio.py) or the ArrayRecord shards of
@@ -121,6 +131,8 @@ def prepare(config, workdir: str, task=None) -> Prepared:
   try:
     if task is None and "synthetic_3dmm" not in config:
       task = build_task(config)
+    elif task is None:
+      check_task_config(config)
     build_demo_data(config, workdir)
     if task is None:
       task = build_task(config)

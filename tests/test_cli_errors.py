@@ -164,12 +164,10 @@ def test_data_pipeline_clis_answer_with_one_line_and_write_nothing(places, tmp_p
         + ["--weights", f"facenet={places['junk']}"],
         ["facenet", "junk.ckpt"],
       ),
-      (export, ["--input", photos], ["--output"]),
       ("data_pipelines.demo", ["--out", places["file"]], ["--out", "a_file"]),
       ("data_pipelines.demo", ["--out", new, "--num", "0"], ["--num 0"]),
       ("data_pipelines.synthetic_3dmm", ["--output", places["file"]], ["a_file"]),
       ("data_pipelines.synthetic_3dmm", ["--output", new, "--groups", "0"], ["num_groups=0"]),
-      ("data_pipelines.synthetic_3dmm", ["--output", new, "--vertices", "3"], ["num_vertices"]),
     ],
     untouched=[new],
   )
