@@ -22,6 +22,9 @@ def data(**overrides) -> ml_collections.ConfigDict:
   """What the grain loaders read (see data_pipelines/loaders.py for every field)."""
   fields = dict(
     path="",  # dataset folder with manifest.json and the ArrayRecord shards
+    # Held-out dataset (same fields) whose first batch the trainer evaluates every
+    # train.eval_every steps; "" = the first batch of the training set.
+    eval_path="",
     global_batch_size=8,
     image_size=128,
     id_fields=["id_dlib"],  # the identity compound, in order
@@ -67,8 +70,10 @@ def optim(**overrides) -> ml_collections.ConfigDict:
 
 def train(**overrides) -> ml_collections.ConfigDict:
   """The loop's schedule (facediff.train.loop): steps, micro-batches, how often to log,
-  checkpoint (async, keep the last ``keep_checkpoints``, optionally the best by
-  ``keep_best_metric``), sample previews and evaluate; ``profile_steps=[a, b]`` traces
+  checkpoint (async, keep the last ``keep_checkpoints``, or with ``keep_best_metric``, an
+  eval metric's name, the best ``keep_checkpoints`` by it, ``keep_best_mode`` "min" or
+  "max", and the newest), sample previews and evaluate (``eval_every`` > 0: the task's
+  eval metrics on a fixed batch of ``data.eval_path``); ``profile_steps=[a, b]`` traces
   steps a..b for TensorBoard/XProf."""
   fields = dict(
     num_steps=1000,
@@ -78,6 +83,7 @@ def train(**overrides) -> ml_collections.ConfigDict:
     checkpoint_every=500,
     keep_checkpoints=3,
     keep_best_metric="",
+    keep_best_mode="min",
     sample_every=500,
     eval_every=0,
     profile_steps=[],

@@ -79,6 +79,9 @@ def _tiny() -> ml_collections.ConfigDict:
     exp_dropout=0.0,
     sample_method="ddim",
     sample_steps=20,
+    eval_sample_method="ddim",
+    eval_sample_steps=10,
+    eval_timesteps=[100, 500, 900],
     dtype="float32",
     remat=False,
   )
@@ -117,6 +120,9 @@ def _sd14_512() -> ml_collections.ConfigDict:
     exp_dropout=0.0,
     sample_method="pndm",
     sample_steps=50,
+    eval_sample_method="ddim",
+    eval_sample_steps=25,
+    eval_timesteps=[100, 500, 900],
     dtype="bfloat16",  # UNet compute dtype; params, VAE and face encoders stay float32
     remat=True,
   )

@@ -109,6 +109,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     checkpoint_every=100 if tiny else 5000,
     keep_checkpoints=3,
     keep_best_metric="",
+    keep_best_mode="min",
     sample_every=0,
     eval_every=0,
     profile_steps=[],

@@ -43,6 +43,10 @@ def _model(mode: str, **tgdm_fields) -> dict:
     gate_threshold=0.05,
     sample_method="ddpm",
     sample_steps=None,  # None = all T DDPM steps; "ddim" with fewer for previews
+    # The trainer's periodic evaluation (train.eval_every > 0): PSNR / SSIM / LPIPS of
+    # reenactments sampled with this sampler against the targets of a fixed batch.
+    eval_sample_method="ddim",
+    eval_sample_steps=50,
   )
 
 
@@ -97,6 +101,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     )
     c.model.sample_method = "ddim"
     c.model.sample_steps = 20
+    c.model.eval_sample_steps = 10
     num_steps, ckpt_every, sample_every = 300, 100, 100
   else:
     c.data = _data(mode, pair_field="" if mode == "swap" else "video_id")
@@ -122,7 +127,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     log_every=10,
     checkpoint_every=ckpt_every,
     keep_checkpoints=3,
-    keep_best_metric="",
+    keep_best_metric="",  # an eval metric (psnr, ssim, lpips, mse) with eval_every > 0
+    keep_best_mode="min",
     sample_every=sample_every,
     eval_every=0,
     profile_steps=[],

@@ -31,6 +31,7 @@ import numpy as np
 
 from data_pipelines import export
 from data_pipelines.faces import FaceDetector
+from facediff import cli
 
 log = logging.getLogger("data_pipelines.demo")
 
@@ -130,6 +131,12 @@ def write_sources(folder: str, num: int, seed: int) -> int:
 
 def build(out: str, num: int = 300, seed: int = 0, image_size: int = 256, shard_size: int = 64):
   """Writes the demo source images and exports them into ``out``; returns the manifest."""
+  if num < 1:
+    raise export.ExportError(f"--num {num}: the demo needs at least 1 image")
+  for flag, value in (("--image-size", image_size), ("--shard-size", shard_size)):
+    if value < 1:
+      raise export.ExportError(f"{flag} {value}: must be >= 1")
+  cli.check_output_dir(out, "--out")
   src = os.path.join(out, "_source_images")
   recorded = os.path.join(out, "_source_images.json")
   if os.path.exists(recorded):
@@ -146,7 +153,7 @@ def build(out: str, num: int = 300, seed: int = 0, image_size: int = 256, shard_
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(
+  p = cli.ArgumentParser(
     prog="python -m data_pipelines.demo",
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -160,9 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   try:
     m = build(a.out, a.num, a.seed, a.image_size, a.shard_size)
-  except export.ExportError as e:
-    print(f"demo: error: {e}", file=sys.stderr)
-    return 2
+  except export.USER_ERRORS as e:
+    return cli.fail("demo", e)
   print(
     json.dumps(
       {"out": a.out, "records": m.num_records, "shards": len(m.shards), "counters": m.counters}

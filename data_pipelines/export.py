@@ -59,6 +59,8 @@ import numpy as np
 from data_pipelines import encoders as enc_lib
 from data_pipelines import records
 from data_pipelines.faces import FaceAligner, FaceDetector, FaceResult, relative_transform
+from facediff import cli
+from facediff.convert.common import StateDictMismatchError
 
 log = logging.getLogger("data_pipelines.export")
 
@@ -70,6 +72,12 @@ COUNTERS = ("inputs", "written", "corrupt", "no_face", "multiple_faces", "failed
 
 class ExportError(ValueError):
   """A configuration or input problem that stops the export."""
+
+
+# A user's mistake, which the CLIs answer with one line (facediff.cli): the export's own
+# checks, a missing or unreadable file or folder (OSError, encoders.WeightsError), an
+# unknown encoder or field (KeyError), a dataset or weight file in the wrong format.
+USER_ERRORS = (ExportError, OSError, KeyError, records.RecordError, StateDictMismatchError)
 
 
 # --------------------------------------------------------------------- sources
@@ -115,8 +123,10 @@ class TfdsSource:
     try:
       self.ds = tfds.data_source(name, split=split, data_dir=data_dir)
     except Exception as e:
+      # tfds's messages run to pages (every registered name): keep their first line.
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0]
       raise ExportError(
-        f"--input {spec}: cannot open tfds dataset {name!r} split {split!r} ({e})"
+        f"--input {spec}: cannot open tfds dataset {name!r} split {split!r} ({first})"
       ) from e
     self.image_key = image_key
     self.description = f"tfds:{name}:{split}"
@@ -336,8 +346,11 @@ def export(
   from array_record.python.array_record_module import ArrayRecordWriter
 
   cfg = cfg or ExportConfig()
-  if cfg.shard_size < 1:
-    raise ExportError(f"--shard-size {cfg.shard_size}: must be >= 1")
+  for flag, value in (("--shard-size", cfg.shard_size), ("--image-size", cfg.image_size)):
+    if value < 1:
+      raise ExportError(f"{flag} {value}: must be >= 1")
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise ExportError(f"--output {output}: exists and is not a folder")
   if not 0 <= cfg.worker_index < cfg.num_workers:
     raise ExportError(
       f"--worker {cfg.worker_index}/{cfg.num_workers}: expected I/N with 0 <= I < N"
@@ -570,7 +583,7 @@ def _parse_weights(items: Sequence[str]) -> dict[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(
+  p = cli.ArgumentParser(
     prog="python -m data_pipelines.export",
     description=__doc__,
     formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -637,9 +650,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       carry=tuple(c for c in a.carry.split(",") if c),
     )
     m = export(a.input, a.output, cfg, tfds_data_dir=a.tfds_data_dir)
-  except (ExportError, enc_lib.WeightsError, KeyError) as e:
-    print(f"export: error: {e}", file=sys.stderr)
-    return 2
+  except USER_ERRORS as e:
+    return cli.fail("export", e)
   if m is None:
     print(json.dumps({"worker": a.worker, "manifest": "not yet: other workers' shards remain"}))
     return 0

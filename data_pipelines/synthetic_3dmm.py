@@ -22,7 +22,6 @@ lists every record's group for ``data_pipelines.loaders``' ``pair_field``.
 
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Sequence
 
@@ -32,6 +31,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from data_pipelines import records
+from facediff import cli
 from facediff.render import bfm, coeffs, renderer
 
 BFM_FILE = "BFM_model_front.mat"
@@ -106,8 +106,12 @@ def build(
   its manifest and the morphable model ``BFM_model_front.mat``; returns the manifest."""
   if num_groups < 1 or per_group < 1:
     raise ValueError(f"num_groups={num_groups}, per_group={per_group}: need at least 1 each")
+  for name, value in (("image_size", image_size), ("shard_size", shard_size)):
+    if value < 1:
+      raise ValueError(f"{name}={value}: must be >= 1")
+  model = bfm.synthetic_bfm(num_vertices, seed=bfm_seed)  # checks num_vertices
+  cli.check_output_dir(folder, "output folder")
   os.makedirs(folder, exist_ok=True)
-  model = bfm.synthetic_bfm(num_vertices, seed=bfm_seed)
   bfm.save_bfm_mat(os.path.join(folder, BFM_FILE), model)
   model = bfm.load_bfm(os.path.join(folder, BFM_FILE))  # exactly what a trainer reads
   rng = np.random.default_rng(seed)
@@ -167,7 +171,9 @@ def build(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = cli.ArgumentParser(
+    prog="python -m data_pipelines.synthetic_3dmm", description=__doc__.splitlines()[0]
+  )
   p.add_argument("--output", required=True)
   p.add_argument("--groups", type=int, default=8)
   p.add_argument("--per-group", type=int, default=4)
@@ -177,16 +183,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--shard-size", type=int, default=16)
   a = p.parse_args(argv)
-  m = build(
-    a.output,
-    num_groups=a.groups,
-    per_group=a.per_group,
-    image_size=a.image_size,
-    num_vertices=a.vertices,
-    bfm_seed=a.bfm_seed,
-    seed=a.seed,
-    shard_size=a.shard_size,
-  )
+  try:  # the arguments are checked before anything is written
+    m = build(
+      a.output,
+      num_groups=a.groups,
+      per_group=a.per_group,
+      image_size=a.image_size,
+      num_vertices=a.vertices,
+      bfm_seed=a.bfm_seed,
+      seed=a.seed,
+      shard_size=a.shard_size,
+    )
+  except (OSError, ValueError) as e:
+    return cli.fail("synthetic_3dmm", e)
   print(f"wrote {a.output}: {m.num_records} records in {len(m.shards)} shards")
   return 0
 

@@ -64,10 +64,11 @@ _SAVE_SAMPLES = flags.DEFINE_bool("save_samples", False, "Write OUT/samples/<tas
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from launch import cli  # one-line answers to flag mistakes
+
+  cli.no_extra_arguments("launch.evaluate", argv)
   if not _WORKDIR.value:
-    raise app.UsageError("--workdir is required")
+    sys.exit(cli.fail("launch.evaluate", "--workdir is required"))
   from launch import inference
 
   bad = [t for t in _TASKS.value if t not in evaluation.TASKS]
@@ -101,4 +102,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from launch import cli
+
+  app.run(main, flags_parser=cli.flags_parser("launch.evaluate", ()))

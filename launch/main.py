@@ -9,7 +9,8 @@
    embedding shards: ``DIR/data`` for training and a held-out set drawn with another
    seed, ``DIR/heldout``.
 2. Trains the config (``launch.train.run``: checkpoints, metrics.jsonl, TensorBoard,
-   preview samples in DIR); a second start resumes.
+   preview samples in DIR; with ``--config.train.eval_every=N`` the trainer's periodic
+   evaluation on the held-out set); a second start resumes.
 3. Measures L_DM on every held-out record at fixed timesteps and fixed noise with the
    initial params and with the trained (EMA) params.
 4. Samples swap, reenact and SFSR results for held-out triplets with the config's
@@ -163,7 +164,7 @@ def text_to_image_backgrounds(config, workdir: str, model: str) -> list[str] | s
   return save_png(images, os.path.join(workdir, "backgrounds"))
 
 
-def run(config, workdir: str, t2i_model: str = "") -> dict:
+def run(config, workdir: str, t2i_model: str = "", model=None) -> dict:
   from data_pipelines import demo
   from facediff import partitioning
   from facediff.train import checkpoint as ckpt_lib
@@ -185,7 +186,10 @@ def run(config, workdir: str, t2i_model: str = "") -> dict:
     shard_size=d.shard_size,
   )
   summary["heldout"] = {"path": heldout_dir, "records": manifest.num_records}
-  model = diffsfsr_task.DiffSFSR(config)
+  if not config.data.get("eval_path", ""):  # the trainer's periodic evaluation (eval_every)
+    with config.unlocked():
+      config.data.eval_path = heldout_dir
+  model = model or diffsfsr_task.DiffSFSR(config)
   task = model.task()
   mesh = partitioning.make_mesh(dict(config.mesh))
   with partitioning.activation_rules(mesh):
@@ -275,15 +279,49 @@ def define_flags() -> None:
   )
 
 
+PROG = "launch.main"
+
+
+def check_inputs(config, workdir: str, t2i_model: str):
+  """Reads and checks the inputs before anything is written: the workdir's place, the
+  config (the DiffSFSR model, its encoders' weights), a given dataset, the SD-1.x
+  folder. Returns the model; raises OSError / ValueError / KeyError naming the input."""
+  from facediff import cli
+  from facediff.convert import pipeline
+  from facediff.train import diffsfsr_task
+
+  cli.check_output_dir(workdir, "--workdir")
+  if t2i_model:
+    try:
+      pipeline.check_source(t2i_model)
+    except OSError as e:
+      raise OSError(f"--t2i_model {t2i_model}: {e}") from e
+  if config.data.get("path"):
+    from data_pipelines import loaders
+
+    loaders.open_source(config.data)
+  return diffsfsr_task.DiffSFSR(config)
+
+
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from launch import cli
+
+  cli.no_extra_arguments(PROG, argv)
   F = flags.FLAGS
-  summary = run(F.config, F.workdir, F.t2i_model)
+  try:
+    model = check_inputs(F.config, F.workdir, F.t2i_model)
+  except cli.INPUT_ERRORS as e:
+    raise SystemExit(cli.fail(PROG, e)) from None
+  try:
+    summary = run(F.config, F.workdir, F.t2i_model, model=model)
+  except cli.run_errors() as e:
+    raise SystemExit(cli.fail(PROG, e)) from None
   print(markdown(summary))
   print(f"summary: {os.path.join(summary['workdir'], 'summary.json')}")
 
 
 if __name__ == "__main__":
+  from launch import cli
+
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser(PROG))

@@ -282,10 +282,11 @@ def background_from_prompt(prompt: str, model: str, seed: int) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from launch import cli as boundary  # one-line answers to flag mistakes
+
+  boundary.no_extra_arguments("launch.sample", argv)
   if not FLAGS.workdir or not FLAGS.out:
-    raise app.UsageError("--workdir and --out are required")
+    sys.exit(boundary.fail("launch.sample", "--workdir and --out are required"))
   if FLAGS.compile_cache:
     import jax
 
@@ -302,8 +303,10 @@ def main(argv: Sequence[str]) -> None:
 
 def cli() -> None:
   """The ``facediff`` console command."""
+  from launch import cli as boundary
+
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=boundary.flags_parser("launch.sample", ()))
 
 
 if __name__ == "__main__":

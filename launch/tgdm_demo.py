@@ -363,9 +363,32 @@ _GROUPS = flags.DEFINE_integer("heldout_groups", 4, "Held-out identity groups.")
 _FRAMES = flags.DEFINE_integer("video_frames", 8, "Frames of the driven video.")
 
 
+PROG = "launch.tgdm_demo"
+
+
+def check_inputs(config, swap_config, workdir: str, heldout_groups: int, video_frames: int):
+  """The checks that need no data: raises ValueError / OSError naming the flag."""
+  from facediff import cli
+  from facediff.train import tgdm_task
+
+  cli.check_output_dir(workdir, "--workdir")
+  for flag, c in (("--config", config), ("--swap_config", swap_config)):
+    if "synthetic_3dmm" not in c:
+      raise ValueError(f"{flag}: variant {c.get('variant')!r} has no synthetic_3dmm set")
+    tgdm_task.check_config(c)
+  for flag, value in (("--heldout_groups", heldout_groups), ("--video_frames", video_frames)):
+    if value < 1:
+      raise ValueError(f"{flag}={value}: must be >= 1")
+
+
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from launch import cli
+
+  cli.no_extra_arguments(PROG, argv)
+  try:
+    check_inputs(_CONFIG.value, _SWAP_CONFIG.value, _WORKDIR.value, _GROUPS.value, _FRAMES.value)
+  except cli.INPUT_ERRORS as e:
+    raise SystemExit(cli.fail(PROG, e)) from None
   summary = run(
     _CONFIG.value,
     _WORKDIR.value,
@@ -378,4 +401,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from launch import cli
+
+  app.run(main, flags_parser=cli.flags_parser(PROG, ("config", "swap_config")))

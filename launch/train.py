@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Sequence
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from launch import runner
+from launch import cli, runner
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Experiment config (``configs/<model>.py:<variant>``).", lock_config=True
@@ -56,16 +57,27 @@ build_task = runner.build_task
 run = runner.run
 
 
+PROG = "launch.train"
+
+
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.no_extra_arguments(PROG, argv)
   if _CONFIG.value is None:
-    raise app.UsageError("--config is required, e.g. --config configs/diffsfsr.py:tiny")
-  init_distributed()
-  summary = run(_CONFIG.value, _WORKDIR.value)
+    sys.exit(cli.fail(PROG, "--config is required, e.g. --config configs/diffsfsr.py:tiny"))
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  try:  # the inputs, read and checked before anything is written or compiled
+    cli.check_output_dir(workdir, "--workdir")
+    init_distributed()
+    prepared = runner.prepare(config, workdir)
+  except cli.INPUT_ERRORS as e:
+    sys.exit(cli.fail(PROG, e))
+  try:
+    summary = runner.train(config, workdir, prepared)
+  except cli.run_errors() as e:
+    sys.exit(cli.fail(PROG, e))
   logging.info("done: %s", json.dumps({k: summary[k] for k in ("step", "start_step")}))
   print(json.dumps({k: v for k, v in summary.items() if k != "params_per_module"}, default=str))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser(PROG))

@@ -2,7 +2,8 @@
 
 The model is a 2-layer MLP whose params carry logical axes (so FSDP shards them);
 the loss adds noise drawn from the step's key, so resumption must reproduce the RNG
-stream as well as the data order.
+stream as well as the data order. Its evaluation (``eval_fn``) maps predictions and
+targets to tiny images and scores them with ``facediff.metrics``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import ml_collections
 import numpy as np
 
 from configs import common
+from facediff import metrics
 from facediff.models import layers
 from facediff.train import Task
 
@@ -53,7 +55,29 @@ def make_task(hidden: int = HIDDEN, nan_after: int | None = None) -> Task:
     img = jnp.tanh(pred[:, :12].reshape(-1, 2, 2, 3))
     return jnp.repeat(jnp.repeat(img, 4, 1), 4, 2)
 
-  return Task(name="toy", init=init, loss_fn=loss_fn, sample_fn=sample_fn)
+  def eval_fn(params, frozen, batch, rng):
+    del frozen
+    images, targets = eval_images(model, params, batch, rng)
+    return {
+      "psnr": jnp.mean(metrics.psnr(images, targets)),
+      "mse": jnp.mean(metrics.mse(images, targets)),
+    }
+
+  return Task(name="toy", init=init, loss_fn=loss_fn, sample_fn=sample_fn, eval_fn=eval_fn)
+
+
+def eval_images(model, params, batch, rng):
+  """(prediction, target) as (B, 2, 2, 3) images in [-1, 1]: the first 12 outputs for
+  inputs perturbed by noise from ``rng`` (so the evaluation key matters)."""
+  x = batch["x"] + 0.1 * jax.random.normal(rng, batch["x"].shape)
+  pred = jnp.tanh(model.apply({"params": params}, x)[:, :12])
+  return pred.reshape(-1, 2, 2, 3), batch["y"][:, :12].reshape(-1, 2, 2, 3)
+
+
+def fixed_batch(num: int = 8) -> dict[str, np.ndarray]:
+  """The first ``num`` records, unshuffled: a fixed evaluation batch."""
+  recs = records()[:num]
+  return {k: np.stack([r[k] for r in recs]) for k in recs[0]}
 
 
 def records() -> list[dict[str, np.ndarray]]:

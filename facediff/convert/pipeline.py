@@ -91,11 +91,7 @@ def load_pretrained(
   Errors name the file and, for weights, every missing / unexpected / mis-shaped key.
   """
   path = os.fspath(path)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"diffusers model folder {path} does not exist")
-  for sub in ("unet", "vae", "text_encoder"):
-    if not os.path.isdir(os.path.join(path, sub)):
-      raise FileNotFoundError(f"{path} is not a Stable Diffusion folder: it lacks {sub}/")
+  check_source(path)
   unet_cfg, unet_params = unet_convert.load_unet(
     os.path.join(path, "unet"), variant=variant, dtype=dtype
   )
@@ -124,6 +120,20 @@ def load_pretrained(
     tokenizer_path=tok if os.path.isdir(tok) else None,
     scheduler=sched,
   )
+
+
+def check_source(path: str | os.PathLike) -> None:
+  """Raises FileNotFoundError naming ``path`` unless it is a CompVis single file or a
+  diffusers folder with unet/, vae/ and text_encoder/ (what ``load_models`` checks
+  first, without reading any weights)."""
+  path = os.fspath(path)
+  if os.path.isfile(path):
+    return
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"diffusers model folder {path} does not exist")
+  for sub in ("unet", "vae", "text_encoder"):
+    if not os.path.isdir(os.path.join(path, sub)):
+      raise FileNotFoundError(f"{path} is not a Stable Diffusion folder: it lacks {sub}/")
 
 
 def load_models(path: str | os.PathLike, **kwargs) -> SDModels:

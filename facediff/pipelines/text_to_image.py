@@ -16,10 +16,10 @@ CLI::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import os
+import sys
 from functools import partial
 from typing import Any, Sequence
 
@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from facediff import cli
 from facediff.diffusion import samplers, schedules
 from facediff.models import clip as clip_lib
 from facediff.models import unet as unet_lib
@@ -352,10 +353,14 @@ def save_png(images: np.ndarray, out_dir: str | os.PathLike, prefix: str = "imag
   return paths
 
 
+PROG = "python -m facediff.pipelines.text_to_image"
+
+
 def main(argv: Sequence[str] | None = None) -> list[str]:
-  ap = argparse.ArgumentParser(
-    prog="python -m facediff.pipelines.text_to_image", description=__doc__.split("\n")[0]
-  )
+  """The CLI; returns the written paths. A user's mistake (a --model that is not an
+  SD-1.x folder or file, a missing tokenizer, a bad size, an --out that is a file)
+  exits with status 2 and one line naming it (``facediff.cli``); nothing is written."""
+  ap = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
   ap.add_argument(
     "--model", required=True, help="diffusers SD folder, or a CompVis .ckpt/.safetensors file"
   )
@@ -378,13 +383,25 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
 
   from facediff.convert.pipeline import load_models  # noqa: PLC0415
 
-  kwargs: dict[str, Any] = {"dtype": args.dtype}
-  if os.path.isfile(args.model) and args.tokenizer:
-    kwargs["tokenizer_path"] = args.tokenizer
-  models = load_models(args.model, **kwargs)
-  tok = CLIPTokenizer(args.tokenizer) if args.tokenizer else None
-  pipe = TextToImage(models, tokenizer=tok)
   prompts = [p for p in args.prompt for _ in range(args.num_images)]
+  try:  # the inputs, read and checked before anything is compiled or written
+    cli.check_output_dir(args.out, "--out")
+    for flag, value in (("--num-images", args.num_images), ("--steps", args.steps)):
+      if value < 1:
+        raise ValueError(f"{flag} {value}: must be >= 1")
+    kwargs: dict[str, Any] = {"dtype": args.dtype}
+    if os.path.isfile(args.model) and args.tokenizer:
+      kwargs["tokenizer_path"] = args.tokenizer
+    try:
+      models = load_models(args.model, **kwargs)
+    except cli.INPUT_ERRORS as e:
+      sys.exit(cli.fail(PROG, f"--model {args.model}: {cli.one_line(e)}"))
+    tok = CLIPTokenizer(args.tokenizer) if args.tokenizer else None
+    pipe = TextToImage(models, tokenizer=tok)
+    pipe.latent_shape(1, args.height, args.width)
+    pipe.tokenize(prompts, args.negative_prompt)
+  except cli.INPUT_ERRORS as e:
+    sys.exit(cli.fail(PROG, e))
   images = pipe(
     prompts,
     jax.random.key(args.seed),
@@ -394,7 +411,10 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     guidance_scale=args.guidance,
     negative_prompt=args.negative_prompt,
   )
-  paths = save_png(images, args.out)
+  try:
+    paths = save_png(images, args.out)
+  except OSError as e:
+    sys.exit(cli.fail(PROG, e))
   for p in paths:
     print(p)
   return paths

@@ -2,7 +2,9 @@
 iterator's position together (``ocp.args.Composite``).
 
 * Saves are asynchronous; ``save`` every ``checkpoint_every`` steps, keep the last
-  ``keep`` (and, with ``keep_best_metric``, the best by that eval metric too).
+  ``keep_checkpoints``, or, with ``keep_best_metric``, the best ``keep_checkpoints`` by
+  that eval metric (``keep_best_mode`` "min" / "max"; steps saved without eval metrics
+  are not ranked) and always the newest, which a resume starts from.
 * Orbax writes a step to a temporary directory (``<step>.orbax-checkpoint-tmp``) and
   renames it when complete, so a process killed mid-save leaves no step that
   ``all_steps`` lists; restoring takes the newest complete step and warns about each
@@ -42,11 +44,27 @@ class Checkpointer:
   def __init__(self, directory: str, train_cfg):
     self.directory = os.path.abspath(directory)
     best = str(train_cfg.get("keep_best_metric", "") or "")
+    mode = str(train_cfg.get("keep_best_mode", "min"))
+    if mode not in ("min", "max"):
+      raise ValueError(f"config.train.keep_best_mode={mode!r}: 'min' or 'max'")
+    keep = int(train_cfg.get("keep_checkpoints", 3))
+    policy = ocp.checkpoint_managers.LatestN(n=keep)
+    if best:
+      policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+        [
+          ocp.checkpoint_managers.LatestN(n=1),
+          ocp.checkpoint_managers.BestN(
+            get_metric_fn=lambda m: float(m[best]),
+            reverse=mode == "min",  # sorted worst first; the last n are kept
+            n=keep,
+            keep_checkpoints_without_metrics=False,
+          ),
+        ]
+      )
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=int(train_cfg.get("keep_checkpoints", 3)),
       best_fn=(lambda m: float(m[best])) if best else None,
-      best_mode=str(train_cfg.get("keep_best_mode", "min")),
-      keep_checkpoints_without_metrics=True,
+      best_mode=mode,
+      preservation_policy=policy,
       enable_async_checkpointing=bool(train_cfg.get("async_checkpointing", True)),
       create=True,
     )

@@ -23,6 +23,9 @@ Config fields (``config.model``):
     and the mask's): the ablation ``no_bkg``.
   id_dropout, exp_dropout: condition dropout probabilities (learned null tokens).
   sample_method, sample_steps: the preview sampler (PNDM in the paper).
+  eval_sample_method, eval_sample_steps, eval_timesteps: the trainer's periodic
+    evaluation (``DiffSFSR.evaluate``; ``config.train.eval_every`` > 0): its sampler
+    and the timesteps of its L_DM.
 ``config.data``: ``id_fields`` / ``id_dims`` / ``exp_field`` / ``exp_dim`` give the
 compound (checked against the manifest when the loader opens the dataset, and against
 the encoders' output sizes here); ``crop_fields`` must hold every encoder's crop kind
@@ -36,9 +39,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from facediff import metrics
 from facediff.diffusion import make_schedule, sample, schedules
 from facediff.losses import diffsfsr as diffsfsr_loss
 from facediff.losses import face_encoders
+from facediff.metrics.image import SSIM_WINDOW
 from facediff.models import diffsfsr
 from facediff.models import vae as vae_model
 from facediff.models.unet import UNetConfig
@@ -327,6 +332,67 @@ class DiffSFSR:
     )
     return jnp.clip(self.space.decode(frozen, z0), -1.0, 1.0)
 
+  def evaluate(self, params, frozen, batch, rng) -> dict[str, jax.Array]:
+    """The trainer's periodic evaluation on one fixed (held-out) batch, scalars
+    averaged over its examples (those with ``valid`` when the batch has it):
+
+    * ``ldm``: L_DM (Eq. 3) at each of ``model.eval_timesteps`` (``ldm_t<t>``) and
+      their mean, with noise drawn from ``rng``: fixed (t, noise), so it moves only
+      with the params.
+    * on images sampled for the batch's own (background, identity, expression) with
+      ``model.eval_sample_method`` / ``eval_sample_steps`` from noise drawn from
+      ``rng``: ``mse``, ``psnr``, ``ssim`` against the batch image (a
+      self-reconstruction: the sample should give it back; SSIM needs >= 11 px), and,
+      through the loss's in-graph encoders (``facediff.metrics.face_embeddings``),
+      ``id_cos_<field>`` (``metrics.identity_cosine`` to the stored embedding of each
+      identity field whose L_id encoder is loaded; ``id_cos``: their mean) and
+      ``exp_err`` (``metrics.expression_error`` to the stored expression embedding).
+    """
+    frozen = frozen or {}
+    mc = self.config.model
+    k_noise, k_sample = jax.random.split(rng)
+    shape = self.latent_shape(batch)
+    weights = batch["valid"].astype(jnp.float32) if "valid" in batch else jnp.ones(shape[:1])
+
+    def mean(per_example):
+      return jnp.sum(per_example * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+    out = {}
+    noise = jax.random.normal(k_noise, shape, jnp.float32)
+    timesteps = [int(t) for t in mc.get("eval_timesteps", [100, 500, 900])]
+    for t in timesteps:
+      tt = jnp.full(shape[:1], t, jnp.int32)
+      out[f"ldm_t{t}"] = mean(self.ldm_at(params, frozen, batch, tt, noise))
+    out["ldm"] = sum(out[f"ldm_t{t}"] for t in timesteps) / len(timesteps)
+
+    images = self.sample(
+      params,
+      frozen,
+      batch,
+      k_sample,
+      method=str(mc.get("eval_sample_method", mc.sample_method)),
+      num_steps=int(mc.get("eval_sample_steps", mc.sample_steps)),
+    )
+    target = batch["bkg_image"]
+    out["mse"] = mean(metrics.mse(images, target))
+    out["psnr"] = mean(metrics.psnr(images, target))
+    if min(images.shape[1:3]) >= SSIM_WINDOW:
+      out["ssim"] = mean(metrics.ssim(images, target))
+    crops = batch.get("crops", {})
+    cosines = []
+    for field in self.id_fields:
+      if field in self.encoders:
+        e = metrics.face_embeddings(self.encoders[field], frozen["enc"][field], images, crops)
+        out[f"id_cos_{field}"] = mean(metrics.identity_cosine(e, batch["id"][field]))
+        cosines.append(out[f"id_cos_{field}"])
+    if cosines:
+      out["id_cos"] = sum(cosines) / len(cosines)
+    if self.exp_field in self.encoders:
+      field = self.exp_field
+      e = metrics.face_embeddings(self.encoders[field], frozen["enc"][field], images, crops)
+      out["exp_err"] = mean(metrics.expression_error(e, batch["exp"]))
+    return out
+
   # -------------------------------------------------------------------- the task
 
   def task(self) -> Task:
@@ -346,6 +412,7 @@ class DiffSFSR:
       init=lambda key: diffsfsr.init_params(cfg, key),
       loss_fn=lambda params, frozen, batch, rng, model_state: self.loss(params, frozen, batch, rng),
       sample_fn=self.sample,
+      eval_fn=self.evaluate,
       frozen=self.frozen,
       pretrained=pretrained,
     )

@@ -5,6 +5,12 @@ Config fields: ``config.train`` (``num_steps``, ``seed``, ``grad_accum_steps``,
 ``sample_every``, ``eval_every``, ``profile_steps`` = [first, last] or []),
 ``config.optim`` and ``config.ema`` (see ``optim.py``), ``config.mesh`` (axis sizes,
 -1 fills in) and ``config.data.global_batch_size``.
+
+Evaluation runs only with ``eval_every > 0``: every ``eval_every`` steps and at the last
+step, ``task.eval_fn`` on a fixed batch (``evaluator.py``) or an ``evaluate`` hook given
+by the caller; its metrics are logged as ``eval/<name>`` and, with ``keep_best_metric``
+(one of those names, without ``eval/``; ``keep_best_mode`` "min" or "max"), decide which
+checkpoints are kept.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from jax.sharding import Mesh
 from facediff import partitioning
 from facediff.train import state as state_lib
 from facediff.train.checkpoint import Checkpointer
+from facediff.train.evaluator import make_evaluator
 from facediff.train.step import make_train_step
 from facediff.train.task import Task
 from facediff.train.writers import MetricWriter, Progress
@@ -103,6 +110,16 @@ def _compiled_stats(compiled) -> dict[str, Any]:
   return out
 
 
+def _check_best_metric(train_cfg, eval_metrics: dict[str, float]) -> None:
+  best = str(train_cfg.get("keep_best_metric", "") or "")
+  names = sorted(k.removeprefix("eval/") for k in eval_metrics)
+  if best and best not in names:
+    raise ValueError(
+      f"config.train.keep_best_metric={best!r} is not an eval metric of this task "
+      f"(it has {', '.join(names)})"
+    )
+
+
 def train_and_evaluate(
   config,
   workdir: str,
@@ -111,6 +128,7 @@ def train_and_evaluate(
   *,
   mesh: Mesh | None = None,
   preview_batch: Any = None,
+  eval_batch: Any = None,
   evaluate: Callable[[state_lib.TrainState, Any], dict[str, float]] | None = None,
   checkpoint_data: bool = True,
 ) -> dict[str, Any]:
@@ -119,11 +137,19 @@ def train_and_evaluate(
   Resumes from the newest complete checkpoint in ``workdir/checkpoints`` (the train
   state and, when ``checkpoint_data`` and the iterator is a grain iterator, its
   position). ``preview_batch`` feeds ``task.sample_fn`` every ``sample_every`` steps
-  (default: the first batch this run sees). ``evaluate(state, frozen)`` runs every
-  ``eval_every`` steps. Returns a summary dict (also the last line of metrics.jsonl).
+  (default: the first batch this run sees). Every ``eval_every`` steps (when > 0)
+  ``evaluate(state, frozen) -> {name: value}`` runs; by default it is ``task.eval_fn``
+  on ``eval_batch`` (default: the first batch this run sees, which after a resume is
+  another one: pass a fixed batch to compare runs). Returns a summary dict (also the
+  last line of metrics.jsonl).
   """
   tc = config.train
   total = int(tc.num_steps)
+  if tc.get("keep_best_metric", "") and int(tc.get("eval_every", 0) or 0) <= 0:
+    raise ValueError(
+      f"config.train.keep_best_metric={tc.keep_best_metric!r} needs config.train.eval_every "
+      "> 0 (the checkpoints are ranked by that eval metric)"
+    )
   mesh = mesh or partitioning.make_mesh(dict(config.mesh))
   gbs = int(config.data.global_batch_size)
   writer = MetricWriter(workdir)
@@ -168,6 +194,12 @@ def train_and_evaluate(
     summary.update(stats)
 
     preview = batch if preview_batch is None else place_batch(preview_batch, mesh, gbs)
+    eval_every = int(tc.get("eval_every", 0) or 0)
+    if evaluate is None and task.eval_fn is not None and eval_every > 0:
+      fixed = batch if eval_batch is None else place_batch(eval_batch, mesh, gbs)
+      evaluate = make_evaluator(task, config, mesh, shardings.params, frozen_sh, fixed)
+      if tc.get("keep_best_metric", ""):  # a wrong name fails now, not at the first eval
+        _check_best_metric(tc, dict.fromkeys(evaluate.metric_names(state, frozen), 0.0))
     sample_jit = jax.jit(task.sample_fn) if task.sample_fn is not None else None
     progress = Progress(total, gbs, start)
     profile = list(tc.get("profile_steps", []) or [])
@@ -203,8 +235,9 @@ def train_and_evaluate(
           log.info(Progress.line(step, total, metrics_host))
 
       eval_metrics = None
-      if evaluate is not None and itstime(step, int(tc.get("eval_every", 0)), total, last=True):
+      if evaluate is not None and eval_every > 0 and itstime(step, eval_every, total):
         eval_metrics = {f"eval/{k}": float(v) for k, v in evaluate(state, frozen).items()}
+        _check_best_metric(tc, eval_metrics)
         writer.scalars(step, eval_metrics)
 
       if sample_jit is not None and itstime(step, int(tc.get("sample_every", 0)), total):

@@ -30,6 +30,11 @@ class Task:
       term), averaged over micro-batches and logged.
     sample_fn: optional ``(params, frozen, batch, rng) -> images`` (B, H, W, 3) in
       [-1, 1] for preview grids; called with the EMA params when there are any.
+    eval_fn: optional ``(params, frozen, batch, rng) -> metrics``: a flat dict of
+      scalars measured on one fixed evaluation batch every ``config.train.eval_every``
+      steps (``facediff.train.evaluator``), logged as ``eval/<name>`` and usable as
+      ``config.train.keep_best_metric``. Called with the EMA params when there are any
+      and the same ``rng`` every time, so the numbers move only with the params.
     frozen: weights the loss uses but never trains (face encoders, a VAE): concrete
       arrays, passed to every step as an argument (not baked into the program), not
       checkpointed.
@@ -48,6 +53,7 @@ class Task:
   init: Callable[[jax.Array], Params]
   loss_fn: Callable[..., tuple[jax.Array, Metrics]]
   sample_fn: Callable[..., jax.Array] | None = None
+  eval_fn: Callable[..., Metrics] | None = None
   frozen: Any = None
   frozen_abstract: Any = None
   init_model_state: Callable[[], dict[str, Any]] = _no_model_state

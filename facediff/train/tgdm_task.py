@@ -24,6 +24,12 @@ no VGG16 weights are reachable offline), is randomly initialised with
 ``config.model.lpips_seed``: then the perceptual term is a random-feature distance, not
 LPIPS.
 
+Evaluation (``eval_fn``, the trainer's periodic one with ``config.train.eval_every`` >
+0): on one fixed batch, images sampled with ``config.model.eval_sample_method`` /
+``eval_sample_steps`` (DDIM) against the targets I_d: ``mse``, ``psnr``, ``ssim`` and
+``lpips`` (``facediff.metrics``; LPIPS with the task's frozen LPIPS params, so with the
+random trunk of the tiny configs it is that random-feature distance).
+
 Model state: ``{"gate": int32}``, 0 at start; ``update_model_state`` switches it on once
 a step's ``l_simple`` is below ``config.model.gate_threshold`` (0.05, TGDM 5.1) and never
 off; it is checkpointed with the train state.
@@ -39,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from facediff import metrics
 from facediff.convert import lpips as lpips_convert
 from facediff.diffusion import make_schedule, sample
 from facediff.losses import tgdm as tgdm_losses
@@ -116,7 +123,9 @@ def make_condition(config, cfg: tgdm.TGDMConfig, model, batch) -> tuple[jax.Arra
   return target, cond
 
 
-def make_task(config) -> Task:
+def check_config(config) -> tgdm.TGDMConfig:
+  """The denoiser's config, after the checks that need no data or weights (a bad mode,
+  missing fields): raises ValueError naming the field."""
   mc = config.model
   if mc.mode not in tgdm.MODES:
     raise ValueError(f"config.model.mode={mc.mode!r}: one of {tgdm.MODES}")
@@ -124,7 +133,12 @@ def make_task(config) -> Task:
     raise ValueError("TGDM needs config.data.coeff_field (the 3DMM coefficients)")
   if mc.mode == "reenact" and not config.data.get("pair_field", ""):
     raise ValueError("TGDM reenact needs config.data.pair_field (source from the same group)")
-  cfg = model_config(config)
+  return model_config(config)
+
+
+def make_task(config) -> Task:
+  mc = config.model
+  cfg = check_config(config)
   schedule = make_schedule(str(mc.schedule), int(mc.num_train_timesteps))
   threshold = float(mc.gate_threshold)
   lambdas = dict(
@@ -154,7 +168,7 @@ def make_task(config) -> Task:
       **lambdas,
     )
 
-  def sample_fn(params, frozen, batch, rng):
+  def generate(params, frozen, batch, rng, method, num_steps):
     target, cond = make_condition(config, cfg, frozen["bfm"], batch)
     k_noise, k_steps = jax.random.split(rng)
     noise = jax.random.normal(k_noise, target.shape, jnp.float32)
@@ -162,12 +176,28 @@ def make_task(config) -> Task:
       lambda x, t, c: tgdm.apply(cfg, params, x, t, c),
       schedule,
       noise,
-      method=str(mc.sample_method),
-      num_steps=None if mc.sample_steps is None else int(mc.sample_steps),
+      method=str(method),
+      num_steps=None if num_steps is None else int(num_steps),
       key=k_steps,
       cond=cond,
     )
-    return jnp.clip(out, -1.0, 1.0)
+    return target, jnp.clip(out, -1.0, 1.0)
+
+  def sample_fn(params, frozen, batch, rng):
+    return generate(params, frozen, batch, rng, mc.sample_method, mc.sample_steps)[1]
+
+  def eval_fn(params, frozen, batch, rng):
+    target, images = generate(
+      params,
+      frozen,
+      batch,
+      rng,
+      mc.get("eval_sample_method", "ddim"),
+      mc.get("eval_sample_steps", 50),
+    )
+    per = metrics.image_metrics(images, target, lpips_params=frozen["lpips"])
+    w = batch["valid"].astype(jnp.float32) if "valid" in batch else jnp.ones(target.shape[:1])
+    return {k.lower(): jnp.sum(v * w) / jnp.maximum(jnp.sum(w), 1.0) for k, v in per.items()}
 
   def init_model_state():
     return {"gate": jnp.zeros((), jnp.int32)}
@@ -180,6 +210,7 @@ def make_task(config) -> Task:
     init=init,
     loss_fn=loss_fn,
     sample_fn=sample_fn,
+    eval_fn=eval_fn,
     frozen=frozen,
     init_model_state=init_model_state,
     update_model_state=update_model_state,
