@@ -96,7 +96,9 @@ def define_flags() -> None:
   flags.DEFINE_string("expression_index", None, "Dataset for --expression retrieval.")
   flags.DEFINE_string("travel", None, "WORD_A,WORD_B: expression travel.")
   flags.DEFINE_integer("frames", 8, "Frames of --travel.")
-  flags.DEFINE_string("csv", None, "Batch jobs: columns task,background,id,expression,...")
+  flags.DEFINE_string(
+    "csv", None, "Batch jobs, one a row; columns named as the flags (task,background,id,...)."
+  )
   flags.DEFINE_integer("steps", None, "Sampler steps (DiffSFSR: 50; TGDM: the config's).")
   flags.DEFINE_enum(
     "method", None, ("pndm", "ddim", "ddpm"), "Sampler (DiffSFSR: pndm; TGDM: the config's)."
@@ -273,6 +275,7 @@ def run_jobs(
     record = {
       "workdir": os.path.abspath(workdir),
       "checkpoint_step": int(step),
+      "params": "ema" if use_ema and float(config.ema.get("decay", 0.0)) > 0 else "trained",
       "variant": config.get("variant"),
       "jobs": records_out,
     }

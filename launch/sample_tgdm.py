@@ -183,12 +183,25 @@ def face_from_record(config, rec: dict, parts: Sequence[str], label: str) -> Fac
   return face
 
 
+def training_manifest(config, label: str):
+  """The manifest of the checkpoint's training set (photos are exported like it)."""
+  from data_pipelines import records
+
+  try:
+    return records.Manifest.load(config.data.path)
+  except records.RecordError as e:
+    raise SampleError(
+      f"{label}: a photo is exported with the encoders of the checkpoint's training set, "
+      f"which is unreadable ({e}); give records instead (DATASET_DIR#RECORD_KEY)"
+    ) from None
+
+
 def photo_encoders(config, parts: Sequence[str], label: str) -> list[str]:
   """The exporter encoders that wrote ``parts`` into the training set (from its
   manifest); a one-line error when one of them is no exporter encoder."""
-  from data_pipelines import encoders, records
+  from data_pipelines import encoders
 
-  manifest = records.Manifest.load(config.data.path)
+  manifest = training_manifest(config, label)
   fields = part_fields(config)
   names = []
   for part in parts:
@@ -223,7 +236,7 @@ def export_faces(
     for e in photo_encoders(config, parts[role], label):
       if e not in needed:
         needed.append(e)
-  size = int(records.Manifest.load(config.data.path).fields["image"].shape[0])
+  size = int(training_manifest(config, label).fields["image"].shape[0])
   out = os.path.join(tmp, "photos")
   weight_map = dict(w.split("=", 1) for w in weights)
   try:

@@ -161,7 +161,7 @@ def test_entry_point_answers_bad_inputs_with_one_line_and_exit_1(bare, tmp_path)
 def _tgdm_config(variant, data_path=""):
   """The tiny configs shrunk further for a fast compile: 32 px, a 2-level UNet."""
   c = tgdm_configs.get_config(variant)
-  c.synthetic_3dmm.update(dict(num_groups=2, per_group=3, image_size=32, num_vertices=400))
+  c.synthetic_3dmm.update(dict(num_groups=2, per_group=4, image_size=32, num_vertices=400))
   c.data.image_size = 32
   c.data.global_batch_size = 8  # one example per virtual device
   if data_path:
@@ -185,7 +185,7 @@ def _tgdm_config(variant, data_path=""):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, bare):
   """One training step of TGDM reenact and swap (on one synthetic 3DMM set, 2 groups of
-  3 records at 32 px) and of EmoA2E, each with launch.runner.run."""
+  4 records at 32 px) and of EmoA2E, each with launch.runner.run."""
   from launch import runner
 
   def train(config, workdir):
@@ -300,7 +300,9 @@ def test_video_has_the_drivers_frames_and_equals_the_pipeline(trained, tmp_path)
   data = trained["data"]
   keys = ["g0001/f0000", "g0001/f0001", "g0001/f0002"]
   jobs = [
-    _job(task="video", source=f"{data}#g0000/f0000", driver_video=f"{data}#g0001/*", name="v"),
+    _job(
+      task="video", source=f"{data}#g0000/f0000", driver_video=f"{data}#g0001/f000[0-2]", name="v"
+    ),
     # chunks of 2 frames (the last one padded): the window is averaged on the host
     _job(
       task="video",
@@ -358,7 +360,11 @@ def test_audio_frames_follow_the_clips_and_equal_the_pipeline(trained, tmp_path)
     intensity=2.0,
     name="talk",
   )
-  rec = sample_tgdm.run_jobs([job], trained["reenact"], str(tmp_path / "out"), progress=False)
+  # In chunks of 2 frames: EmoA2E on the whole sequence, then the chunks.
+  chunked = dict(job, chunk=2, name="chunked")
+  rec = sample_tgdm.run_jobs(
+    [job, chunked], trained["reenact"], str(tmp_path / "out"), progress=False
+  )
   got = _frames(tmp_path / "out" / "talk")
 
   # Independently: scipy's resampling, the MFCC clips, MiniLM per word averaged by hand.
@@ -389,6 +395,9 @@ def test_audio_frames_follow_the_clips_and_equal_the_pipeline(trained, tmp_path)
   diff = np.abs(got.astype(int) - _u8(want.image).astype(int))
   print("audio vs pipeline: max", diff.max(), "mean", diff.mean())
   assert diff.max() <= 1
+  diff = np.abs(_frames(tmp_path / "out" / "chunked").astype(int) - got.astype(int))
+  print("audio chunked vs whole: max", diff.max(), "mean", diff.mean())
+  assert diff.max() <= 2
   j = rec["jobs"][0]
   assert j["frames"] == 6 and j["fps"] == 25.0
   assert j["emoa2e"]["emotion"] == ["happy", "sad"] and j["emoa2e"]["intensity"] == 2.0
@@ -455,3 +464,101 @@ def test_entry_point_runs_a_csv_of_tgdm_jobs(trained, tmp_path):
   assert [j["seed"] for j in rec["jobs"]] == [1, 2]
   assert [j["sampler"]["num_steps"] for j in rec["jobs"]] == [1, 1]
   assert "[1/2] reenact" in r.stderr  # progress lines
+
+
+# ---- user photos through the exporter (slow; dlib, torch) ----
+
+
+@pytest.fixture(scope="module")
+def photo_workdir(trained, tmp_path_factory):
+  """The trained reenact checkpoint over a copy of its data whose manifest says the
+  coefficients come from the exporter's ``d3dfr`` encoder, and random D3DFR weights
+  saved in the released format (final layers zeroed: every photo gets the same, small
+  coefficients, whatever the random trunk computes)."""
+  import shutil
+
+  import cv2
+
+  pytest.importorskip("dlib")
+  torch = pytest.importorskip("torch")
+  from scipy.io import savemat
+  from test_crop_transforms import IMAGES, _cut, astronaut_face
+
+  from data_pipelines import faces, records
+  from data_pipelines.encoders import d3dfr
+
+  d = tmp_path_factory.mktemp("photos")
+  data = str(d / "data")
+  shutil.copytree(trained["data"], data)
+  m = records.Manifest.load(data)
+  m.fields["coeffs"] = records.FieldSpec("float32", [257], "d3dfr", d3dfr.D3DFR.version)
+  m.save(data)
+  work = str(d / "reenact")
+  shutil.copytree(
+    os.path.join(trained["reenact"], "checkpoints"), os.path.join(work, "checkpoints")
+  )
+  config = json.load(open(os.path.join(trained["reenact"], "config.json")))
+  config["data"]["path"] = data
+  json.dump(config, open(os.path.join(work, "config.json"), "w"))
+
+  net = d3dfr.ReconNet().eval()
+  with torch.no_grad():
+    for layer in net.final_layers:
+      layer.weight.zero_()
+      layer.bias.zero_()
+  torch.save({"net_recon": net.state_dict()}, d / "epoch_20.pth")
+  astro = astronaut_face()
+  lm = faces.FaceAligner(image_size=128)(astro).landmarks68
+  template = np.concatenate([(lm - lm.mean(0)) / 100.0 * [1, -1], np.zeros((68, 1))], axis=1)
+  savemat(d / "similarity_Lm3D_all.mat", {"lm": template})
+  weights = (f"d3dfr={d / 'epoch_20.pth'}", f"d3dfr_lm3d={d / 'similarity_Lm3D_all.mat'}")
+
+  Image.fromarray(astro).save(d / "astronaut.png")
+  t1 = np.array(Image.open(os.path.join(IMAGES, "t1.jpg")).convert("RGB"))
+  det = faces.FaceDetector()(t1)
+  Image.fromarray(_cut(t1, det[0], 1.0)).save(d / "person0.png")
+  Image.fromarray(t1).save(d / "group.png")
+  frames = d / "frames"
+  frames.mkdir()
+  side = 160
+  writer = cv2.VideoWriter(str(d / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 12.0, (side, side))
+  for i in range(3):  # the face moves a little from frame to frame
+    f = cv2.resize(np.roll(astro, 4 * i, axis=1), (side, side))
+    writer.write(f[..., ::-1].copy())
+    Image.fromarray(f).save(frames / f"{i}.png")
+  writer.release()
+  Image.fromarray(np.full((side, side, 3), 128, np.uint8)).save(frames / "3.png")  # no face
+  return {"workdir": work, "weights": weights, "dir": d}
+
+
+@pytest.mark.slow
+def test_photos_and_a_video_file_go_through_the_exporter(photo_workdir, tmp_path):
+  p = photo_workdir
+  d, work, weights = p["dir"], p["workdir"], p["weights"]
+  jobs = [
+    _job(task="reenact", source=str(d / "astronaut.png"), driver=str(d / "person0.png"), name="r"),
+    _job(task="video", source=str(d / "person0.png"), driver_video=str(d / "clip.mp4"), name="v"),
+  ]
+  rec = sample_tgdm.run_jobs(jobs, work, str(tmp_path), weights=weights, progress=False)
+  assert _png(tmp_path / "r.png").shape == (32, 32, 3)
+  assert _frames(tmp_path / "v").shape == (3, 32, 32, 3)  # the video file's 3 frames
+  v = rec["jobs"][1]
+  assert v["inputs"]["driver_video"] == [f"{d / 'clip.mp4'} frame {i}" for i in (0, 1, 2)]
+  assert v["fps"] == 12.0  # the file's frame rate
+  assert rec["jobs"][0]["inputs"] == {
+    "source": str(d / "astronaut.png"),
+    "driver": str(d / "person0.png"),
+  }
+
+  bad = {
+    "group.png": dict(task="reenact", source=str(d / "group.png"), driver=str(d / "person0.png")),
+    "frames": dict(task="video", source=str(d / "astronaut.png"), driver_video=str(d / "frames")),
+  }
+  out = tmp_path / "bad"
+  with pytest.raises(sample_tgdm.SampleError, match=r"group\.png: \d+ faces found"):
+    sample_tgdm.run_jobs([_job(**bad["group.png"])], work, str(out), weights=weights)
+  with pytest.raises(sample_tgdm.SampleError, match=r"frames/3\.png: no face found"):
+    sample_tgdm.run_jobs([_job(**bad["frames"])], work, str(out), weights=weights)
+  with pytest.raises(sample_tgdm.SampleError, match=r"pass --weights d3dfr=PATH"):
+    sample_tgdm.run_jobs([_job(**jobs[0])], work, str(out))
+  assert not out.exists()
