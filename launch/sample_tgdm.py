@@ -602,6 +602,14 @@ def prepare_job(ctx: dict, job: dict, tmp: str) -> dict:
     z, parts = None, []
     if model.model_config.emotion:
       text = str(job["emotion"])
+      trained_with = str(model.config.data.get("text_encoder", "minilm"))
+      if trained_with != "minilm" and not ctx.get("warned"):
+        ctx["warned"] = True
+        print(
+          f"launch.sample: warning: {model.workdir} was trained with {trained_with!r} emotion "
+          f"embeddings (config.data.text_encoder); --emotion is embedded with MiniLM",
+          file=sys.stderr,
+        )
       if text not in ctx["emotions"]:
         ctx["emotions"][text] = emotion_embedding(text, model.model_config.text_dim)
       z, parts = ctx["emotions"][text]

@@ -123,6 +123,33 @@ def test_bad_inputs_are_one_line_and_nothing_is_written(bare, tmp_path, case):
   assert not out.exists()
 
 
+def test_audio_checks_run_before_any_checkpoint_is_read(bare, tmp_path, monkeypatch, capsys):
+  """WAV, inputs and emotion come before EmoA2E's checkpoint; an EmoA2E trained with
+  other emotion embeddings than MiniLM is flagged on stderr."""
+  c = emoa2e_configs.get_config("tiny")
+  c.data.text_encoder = "random"
+  a2e = _write_config(tmp_path / "emoa2e_random", c)
+  seen = []
+
+  def fake_embedding(text, dim):
+    seen.append((text, dim))
+    return np.zeros(dim, np.float32), [text]
+
+  monkeypatch.setattr(sample_tgdm, "emotion_embedding", fake_embedding)
+  job = dict(
+    task="audio",
+    source=f"{bare['data']}#000000",
+    audio=bare["wav"],
+    emoa2e_workdir=a2e,
+    emotion="happy",
+  )
+  with pytest.raises(sample_tgdm.SampleError, match="checkpoints: no complete checkpoint"):
+    sample_tgdm.run_jobs([job], bare["reenact"], str(tmp_path / "out"), progress=False)
+  assert seen == [("happy", 384)]
+  assert "trained with 'random' emotion embeddings" in capsys.readouterr().err
+  assert not (tmp_path / "out").exists()
+
+
 def _cli(args, **kw):
   return subprocess.run(
     [sys.executable, "-m", "launch.sample", *args], cwd=ROOT, capture_output=True, text=True, **kw
