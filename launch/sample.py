@@ -1,5 +1,6 @@
-"""DiffSFSR inference from a trained workdir: SFSR, face swap, reenactment, expression
-travel, batch jobs from a CSV.
+"""Inference from a trained workdir: DiffSFSR (SFSR, face swap, reenactment, expression
+travel) and TGDM (image-, video- and audio-driven reenactment, face swap), batch jobs
+from a CSV. The workdir's ``config.model.name`` picks the model.
 
     facediff --workdir TRAINED --out OUT --task sfsr \\
         --background bkg.jpg --id selfie.jpg --expression happiness
@@ -25,6 +26,20 @@ a checkpoint ends the command with one line naming the input and exit status 1;
 nothing is written to ``--out`` until every result exists. Outputs: PNGs, an
 animated GIF for travel, and ``record.json`` (inputs, checkpoint step, seeds,
 sampler). One compiled sampler serves every job of the same shape.
+
+TGDM (``launch/sample_tgdm.py``; ``--source``/``--driver``/``--target`` are photos or
+records ``DATASET_DIR#RECORD_KEY``)::
+
+    facediff --workdir TGDM --out OUT --task reenact --source a.jpg --driver b.jpg \
+        --weights d3dfr=epoch_20.pth --weights d3dfr_lm3d=similarity_Lm3D_all.mat
+    facediff --workdir TGDM --out OUT --task video --source DATA#g0/f0 --driver_video clip.mp4
+    facediff --workdir TGDM --out OUT --task audio --source a.jpg --audio speech.wav \
+        --emoa2e_workdir EMOA2E --emotion happy,surprised --intensity 2
+    facediff --workdir TGDM_SWAP --out OUT --task swap --source a.jpg --target b.jpg
+
+Video and audio write ``NAME/frame_NNN.png``, ``NAME.mp4`` (OpenCV ``mp4v``) and
+``NAME.gif``. ``--steps``/``--method`` override the checkpoint config's sampler;
+``--noema`` samples with the trained params instead of their EMA.
 """
 
 from __future__ import annotations
@@ -43,7 +58,21 @@ from absl import app, flags
 from launch import inference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TASKS = ("sfsr", "swap", "reenact")
+TASKS = ("sfsr", "swap", "reenact")  # DiffSFSR's
+TGDM_TASKS = ("reenact", "video", "audio", "swap")  # launch.sample_tgdm.TASKS
+MODEL_TASKS = {"diffsfsr": TASKS, "tgdm": TGDM_TASKS}
+# Flags (and CSV columns) each model reads; the others are refused for it.
+DIFFSFSR_INPUTS = ("background", "prompt", "id", "expression", "expression_image", "travel")
+TGDM_INPUTS = (
+  "source",
+  "driver",
+  "driver_video",
+  "target",
+  "audio",
+  "emotion",
+  "intensity",
+  "emoa2e_workdir",
+)
 FLAGS = flags.FLAGS
 
 
@@ -52,7 +81,12 @@ def define_flags() -> None:
   ``run_jobs`` defines none)."""
   flags.DEFINE_string("workdir", None, "A launch.train / launch.main workdir.")
   flags.DEFINE_string("out", None, "Output folder.")
-  flags.DEFINE_enum("task", "sfsr", TASKS, "What to generate.")
+  flags.DEFINE_enum(
+    "task",
+    None,
+    tuple(dict.fromkeys(TASKS + TGDM_TASKS)),
+    "What to generate (default: sfsr for DiffSFSR, reenact for TGDM).",
+  )
   flags.DEFINE_string("background", None, "Background photo.")
   flags.DEFINE_string("prompt", None, "Background from text (needs --t2i_model).")
   flags.DEFINE_string("t2i_model", "", "SD-1.x weights for --prompt.")
@@ -62,14 +96,33 @@ def define_flags() -> None:
   flags.DEFINE_string("expression_index", None, "Dataset for --expression retrieval.")
   flags.DEFINE_string("travel", None, "WORD_A,WORD_B: expression travel.")
   flags.DEFINE_integer("frames", 8, "Frames of --travel.")
-  flags.DEFINE_string("csv", None, "Batch jobs: columns task,background,id,expression,...")
-  flags.DEFINE_integer("steps", 50, "Sampler steps.")
-  flags.DEFINE_enum("method", "pndm", ("pndm", "ddim", "ddpm"), "Sampler.")
+  flags.DEFINE_string(
+    "csv", None, "Batch jobs, one a row; columns named as the flags (task,background,id,...)."
+  )
+  flags.DEFINE_integer("steps", None, "Sampler steps (DiffSFSR: 50; TGDM: the config's).")
+  flags.DEFINE_enum(
+    "method", None, ("pndm", "ddim", "ddpm"), "Sampler (DiffSFSR: pndm; TGDM: the config's)."
+  )
   flags.DEFINE_integer("seed", 0, "Noise seed.")
   flags.DEFINE_float("id_scale", 1.0, "Identity guidance (needs id_dropout > 0).")
   flags.DEFINE_float("exp_scale", 1.0, "Expression guidance (needs exp_dropout > 0).")
   flags.DEFINE_string("compile_cache", None, "Persistent XLA compilation cache folder.")
   flags.DEFINE_multi_string("weights", [], "Encoder weights NAME=PATH (as the exporter).")
+  # TGDM
+  flags.DEFINE_string("source", None, "TGDM source face: photo or DATASET_DIR#RECORD_KEY.")
+  flags.DEFINE_string("driver", None, "TGDM reenact: driving face (photo or record).")
+  flags.DEFINE_string(
+    "driver_video", None, "TGDM video: frames folder, video file or DATASET_DIR#KEY,KEY|GLOB|@FILE."
+  )
+  flags.DEFINE_string("target", None, "TGDM swap: target face (photo or record).")
+  flags.DEFINE_string("audio", None, "TGDM audio: speech WAV (resampled to the EmoA2E rate).")
+  flags.DEFINE_string("emotion", None, "TGDM audio: emotion text; a,b = compound emotion.")
+  flags.DEFINE_float("intensity", None, "TGDM audio: emotion intensity eta (default 1).")
+  flags.DEFINE_string("emoa2e_workdir", None, "TGDM audio: a trained EmoA2E workdir.")
+  flags.DEFINE_integer("radius", 1, "TGDM video/audio: coefficient window radius k.")
+  flags.DEFINE_integer("chunk", 16, "TGDM video/audio: frames per sampler batch (0 = all).")
+  flags.DEFINE_float("fps", None, "TGDM video/audio: output frame rate (default: the input's).")
+  flags.DEFINE_bool("ema", True, "Sample with the EMA params when the run kept them.")
 
 
 SampleError = inference.SampleError
@@ -153,13 +206,24 @@ class Sampler:
     return np.asarray(self.fn(self.params, self.frozen, batch, jax.random.key(seed)))
 
 
-def run_jobs(jobs: list[dict], workdir: str, out: str, *, weights=(), progress=True) -> dict:
-  """Runs ``jobs`` (dicts of the flags' names) and writes their outputs into ``out``
-  only once all of them have succeeded."""
+def run_jobs(
+  jobs: list[dict], workdir: str, out: str, *, weights=(), progress=True, use_ema=True
+) -> dict:
+  """Runs DiffSFSR ``jobs`` (dicts of the flags' names) and writes their outputs into
+  ``out`` only once all of them have succeeded."""
   from PIL import Image
 
-  config, model, params, frozen, step = load_trained(workdir)
+  config, model, params, frozen, step = load_trained(workdir, use_ema=use_ema)
   mc = config.model
+  jobs = [dict(j) for j in jobs]
+  for job in jobs:
+    job["task"] = job.get("task") or "sfsr"
+    if job["task"] not in TASKS:
+      raise SampleError(
+        f"--task {job['task']}: a DiffSFSR checkpoint has the tasks {', '.join(TASKS)}"
+      )
+    job["steps"] = int(job.get("steps") or 50)
+    job["method"] = job.get("method") or "pndm"
   for job in jobs:
     for name, scale, p in (
       ("id_scale", job["id_scale"], mc.get("id_dropout", 0.0)),
@@ -211,6 +275,7 @@ def run_jobs(jobs: list[dict], workdir: str, out: str, *, weights=(), progress=T
     record = {
       "workdir": os.path.abspath(workdir),
       "checkpoint_step": int(step),
+      "params": "ema" if use_ema and float(config.ema.get("decay", 0.0)) > 0 else "trained",
       "variant": config.get("variant"),
       "jobs": records_out,
     }
@@ -227,16 +292,28 @@ def run_jobs(jobs: list[dict], workdir: str, out: str, *, weights=(), progress=T
   return record
 
 
-def jobs_from_flags() -> list[dict]:
-  common = dict(
-    steps=FLAGS.steps,
-    method=FLAGS.method,
-    seed=FLAGS.seed,
-    id_scale=FLAGS.id_scale,
-    exp_scale=FLAGS.exp_scale,
-    index=FLAGS.expression_index,
-    frames=FLAGS.frames,
-  )
+INT_FIELDS = ("steps", "seed", "frames", "radius", "chunk")
+FLOAT_FIELDS = ("id_scale", "exp_scale", "intensity", "fps")
+
+
+def jobs_from_flags(model: str = "diffsfsr") -> list[dict]:
+  """The jobs of the command line (or of ``--csv``, whose columns are the flags' names)
+  for ``model`` ("diffsfsr" or "tgdm"); inputs of the other model are refused."""
+  other = TGDM_INPUTS if model == "diffsfsr" else DIFFSFSR_INPUTS
+  label = {"diffsfsr": "DiffSFSR", "tgdm": "TGDM"}[model]
+  for name in other:
+    if FLAGS[name].value is not None:
+      raise SampleError(f"--{name}: not an input of {label} (the workdir's model)")
+  common = dict(steps=FLAGS.steps, method=FLAGS.method, seed=FLAGS.seed)
+  if model == "diffsfsr":
+    common.update(
+      id_scale=FLAGS.id_scale,
+      exp_scale=FLAGS.exp_scale,
+      index=FLAGS.expression_index,
+      frames=FLAGS.frames,
+    )
+  else:
+    common.update(radius=FLAGS.radius, chunk=FLAGS.chunk, fps=FLAGS.fps)
   if FLAGS.csv:
     if not os.path.isfile(FLAGS.csv):
       raise SampleError(f"--csv {FLAGS.csv}: no such file")
@@ -246,18 +323,35 @@ def jobs_from_flags() -> list[dict]:
     for i, row in enumerate(rows):
       job = dict(common)
       job.update({k: v for k, v in row.items() if v not in (None, "")})
-      job.setdefault("task", "sfsr")
-      if job["task"] not in TASKS:
-        raise SampleError(f"{FLAGS.csv} row {i + 2}: task {job['task']!r} (one of {TASKS})")
-      for k in ("steps", "seed", "frames"):
-        job[k] = int(job[k])
-      for k in ("id_scale", "exp_scale"):
-        job[k] = float(job[k])
+      job.setdefault("task", MODEL_TASKS[model][0])
+      if job["task"] not in MODEL_TASKS[model]:
+        raise SampleError(
+          f"{FLAGS.csv} row {i + 2}: task {job['task']!r} (one of {MODEL_TASKS[model]})"
+        )
+      bad = [k for k in other if row.get(k)]
+      if bad:
+        raise SampleError(f"{FLAGS.csv} row {i + 2}: {bad[0]!r} is not an input of {label}")
+      try:
+        for k in INT_FIELDS:
+          if job.get(k) is not None:
+            job[k] = int(job[k])
+        for k in FLOAT_FIELDS:
+          if job.get(k) is not None:
+            job[k] = float(job[k])
+      except ValueError as e:
+        raise SampleError(f"{FLAGS.csv} row {i + 2}: {e}") from None
       jobs.append(job)
     return jobs
+  task = FLAGS.task or MODEL_TASKS[model][0]
+  if task not in MODEL_TASKS[model]:
+    raise SampleError(
+      f"--task {task}: a {label} checkpoint has the tasks {', '.join(MODEL_TASKS[model])}"
+    )
+  if model == "tgdm":
+    return [dict(common, task=task, **{k: FLAGS[k].value for k in TGDM_INPUTS})]
   job = dict(
     common,
-    task=FLAGS.task,
+    task=task,
     background=FLAGS.background,
     id=FLAGS.id,
     expression=FLAGS.expression,
@@ -292,7 +386,16 @@ def main(argv: Sequence[str]) -> None:
 
     jax.config.update("jax_compilation_cache_dir", FLAGS.compile_cache)
   try:
-    record = run_jobs(jobs_from_flags(), FLAGS.workdir, FLAGS.out, weights=FLAGS.weights)
+    model = inference.read_config(FLAGS.workdir, tuple(MODEL_TASKS)).model.name
+    jobs = jobs_from_flags(model)
+    if model == "tgdm":
+      from launch import sample_tgdm
+
+      record = sample_tgdm.run_jobs(
+        jobs, FLAGS.workdir, FLAGS.out, weights=FLAGS.weights, use_ema=FLAGS.ema
+      )
+    else:
+      record = run_jobs(jobs, FLAGS.workdir, FLAGS.out, weights=FLAGS.weights, use_ema=FLAGS.ema)
   except (SampleError, FileNotFoundError, KeyError) as e:
     msg = e.args[0] if isinstance(e, KeyError) and e.args else e
     sys.exit(f"launch.sample: {msg}")
