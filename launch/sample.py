@@ -159,7 +159,7 @@ def prepare(config, job: dict, tmp: str, weights: Sequence[str]) -> dict:
   out = os.path.join(tmp, "photos")
   weight_map = dict(w.split("=", 1) for w in weights)
   try:
-    photos.export_photos(roles, out, encoder_names(config), int(config.demo.image_size), weight_map)
+    photos.export_photos(roles, out, encoder_names(config), stored_image_size(config), weight_map)
   except photos.PhotoError as e:
     raise SampleError(str(e)) from None
   c = config.copy_and_resolve_references()
