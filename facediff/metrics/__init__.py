@@ -1,8 +1,8 @@
 """Evaluation metrics of DiffSFSR and TGDM, one function per metric.
 
 Image (``image``; NHWC batches, ``value_range`` default [-1, 1], jit-able, (B,) results):
-  ``mse``, ``psnr``, ``ssim``, ``lpips``; ``image_metrics`` (all of them, keyed by the
-  papers' column names).
+  ``mse``, ``psnr``, ``ssim``, ``lpips``; ``masked_mse``, ``masked_psnr`` (over a face
+  mask); ``image_metrics`` (all of them, keyed by the papers' column names).
 Identity / expression / landmarks (``identity``; embeddings from
 ``facediff.losses.face_encoders`` via ``face_embeddings``, jit-able): ``identity_cosine``,
 ``retrieval_accuracy``
@@ -32,7 +32,15 @@ from facediff.metrics.identity import (
   retrieval_accuracy,
   retrieve,
 )
-from facediff.metrics.image import image_metrics, lpips, mse, psnr, ssim
+from facediff.metrics.image import (
+  image_metrics,
+  lpips,
+  masked_mse,
+  masked_psnr,
+  mse,
+  psnr,
+  ssim,
+)
 from facediff.metrics.pose import head_pose, pose_distance, pose_error
 from facediff.metrics.table import METRICS, Metric, format_table
 
@@ -52,6 +60,8 @@ __all__ = [
   "inception_features",
   "landmark_distance",
   "lpips",
+  "masked_mse",
+  "masked_psnr",
   "mse",
   "pose_distance",
   "pose_error",
