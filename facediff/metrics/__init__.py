@@ -7,6 +7,8 @@ Identity / expression / landmarks (``identity``; embeddings from
 ``facediff.losses.face_encoders`` via ``face_embeddings``, jit-able): ``identity_cosine``,
 ``retrieval_accuracy``
 (and ``retrieve``), ``expression_error``, ``landmark_distance``.
+3DMM coefficients (``coeffs``; host numpy): ``coefficient_distances`` (TGDM's Exp, Angle,
+Gaze).
 Head pose (``pose``; host numpy + OpenCV): ``head_pose``, ``pose_error``,
 ``pose_distance``.
 FID (``fid``): ``inception_features`` (the FID Inception port, jit-compiled and batched;
@@ -16,6 +18,7 @@ FID (``fid``): ``inception_features`` (the FID Inception port, jit-compiled and 
 Reporting (``table``): ``format_table``, ``Metric``, ``METRICS``.
 """
 
+from facediff.metrics.coeffs import coefficient_distances
 from facediff.metrics.fid import (
   feature_statistics,
   fid_from_features,
@@ -48,6 +51,7 @@ __all__ = [
   "METRICS",
   "MOUTH",
   "Metric",
+  "coefficient_distances",
   "expression_error",
   "feature_statistics",
   "face_embeddings",

@@ -1,5 +1,6 @@
-"""facediff.metrics.masked_mse / masked_psnr against scikit-image's MSE / PSNR of the
-masked pixel values, gathered with numpy boolean indexing."""
+"""The metrics TGDM's evaluation adds: masked_mse / masked_psnr against scikit-image's MSE /
+PSNR of the masked pixel values (gathered with numpy boolean indexing), and
+coefficient_distances against the layouts' slices written out."""
 
 import jax
 import numpy as np
@@ -34,3 +35,19 @@ def test_masked_psnr_matches_scikit_image_on_the_masked_pixels():
   assert np.isnan(np.asarray(metrics.masked_mse(x, y, np.zeros_like(mask)))).all()
   with pytest.raises(ValueError, match="does not fit"):
     metrics.masked_mse(x, y, mask[:, :10])
+
+
+def test_coefficient_distances_match_the_slices_written_out():
+  rng = np.random.default_rng(1)
+  a, b = rng.normal(size=(2, 5, 257))
+  d = metrics.coefficient_distances(a, b)  # D3DFR: id 0:80 exp 80:144 ... angle 224:227
+  assert sorted(d) == ["Angle", "Exp"]  # no gaze in D3DFR's layout
+  np.testing.assert_allclose(d["Exp"], np.sqrt(((a[:, 80:144] - b[:, 80:144]) ** 2).sum(1)))
+  np.testing.assert_allclose(d["Angle"], np.sqrt(((a[:, 224:227] - b[:, 224:227]) ** 2).sum(1)))
+  a, b = rng.normal(size=(2, 3, 261))  # TGDM: ... gamma 224:251, angle 251:254, gaze 257:261
+  d = metrics.coefficient_distances(a, b, "tgdm")
+  np.testing.assert_allclose(d["Angle"], np.sqrt(((a[:, 251:254] - b[:, 251:254]) ** 2).sum(1)))
+  np.testing.assert_allclose(d["Gaze"], np.sqrt(((a[:, 257:] - b[:, 257:]) ** 2).sum(1)))
+  np.testing.assert_allclose(d["Exp"], np.sqrt(((a[:, 80:144] - b[:, 80:144]) ** 2).sum(1)))
+  with pytest.raises(ValueError, match="257"):
+    metrics.coefficient_distances(a, b, "d3dfr")
