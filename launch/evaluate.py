@@ -32,6 +32,16 @@ compiled, mesh-sharded sampler and scores the results with ``facediff.metrics``:
 Writes ``OUT/evaluation.json`` and ``OUT/evaluation.md`` (default OUT: the workdir), and
 with ``--save_samples`` each task's results as ``OUT/samples/<task>.npz``.
 Defaults to the workdir's held-out demo set when it has one, else its training set.
+
+TGDM workdirs (``model.name == "tgdm"``) go to ``launch.tgdm_evaluation``: TGDM Tab. 1
+(reenact: same- and cross-identity pairs) or Tab. 4 (swap) with ``--num`` pairs per
+setting; ``--tasks`` and ``--save_samples`` do not apply, and the sampler is the
+config's unless ``--method`` / ``--steps`` are given. ``--inception`` adds FID,
+``--lpips_vgg16`` gives LPIPS its VGG16 trunk (default: the config's; else a random
+trunk, said in the table); ``--weights d3dfr=PATH --weights d3dfr_lm3d=PATH`` add Exp /
+Angle, ``--weights id_curricularface=PATH`` ID-C, ``--weights id_arcface=PATH`` ID-A;
+``--protocol ffpp`` evaluates a swap workdir on the FaceForensics++ pairs of ``--data``
+(its export by ``data_pipelines.protocols.ffpp``).
 """
 
 from __future__ import annotations
@@ -61,6 +71,62 @@ _LPIPS_VGG16 = flags.DEFINE_string(
   "lpips_vgg16", None, "torchvision VGG16 state dict: adds LPIPS to reconstruct."
 )
 _SAVE_SAMPLES = flags.DEFINE_bool("save_samples", False, "Write OUT/samples/<task>.npz.")
+_WEIGHTS = flags.DEFINE_multi_string(
+  "weights",
+  [],
+  "TGDM: NAME=PATH of a metric network (d3dfr, d3dfr_lm3d, id_curricularface, "
+  "id_arcface, id_dlib).",
+)
+_PROTOCOL = flags.DEFINE_enum(
+  "protocol", "", ["", "ffpp"], "TGDM swap: the pairs of --data's protocol export."
+)
+
+
+def fid_hook(path: str, batch: int = 50):
+  """The FID features of launch.tgdm_evaluation (``fid_features``): the FID Inception
+  of ``path`` (pytorch-fid's weights) through ``metrics.inception_features``."""
+  import numpy as np
+
+  from facediff import metrics
+  from facediff.convert import inception as inception_convert
+
+  config, params = inception_convert.load(path)
+  return lambda images: metrics.inception_features(params, np.asarray(images), config, batch)
+
+
+def main_tgdm() -> None:
+  from data_pipelines.protocols import pairs as pairs_lib
+  from launch import inference, tgdm_evaluation
+
+  weights = {}
+  for item in _WEIGHTS.value:
+    name, sep, path = item.partition("=")
+    if not sep or not name or not path:
+      sys.exit(f"launch.evaluate: --weights {item!r}: expected NAME=PATH")
+    weights[name] = path
+  try:
+    options = tgdm_evaluation.Options(
+      data=_DATA.value,
+      num=_NUM.value,
+      batch=_BATCH.value,
+      method=_METHOD.value if _METHOD.present else None,
+      steps=_STEPS.value if _STEPS.present else None,
+      seed=_SEED.value,
+      weights=weights,
+      lpips_vgg16=_LPIPS_VGG16.value,
+      protocol=_PROTOCOL.value,
+      fid_features=fid_hook(_INCEPTION.value) if _INCEPTION.value else None,
+    )
+    report, _ = tgdm_evaluation.evaluate(_WORKDIR.value, options)
+  except (
+    inference.SampleError,
+    pairs_lib.PairsError,
+    FileNotFoundError,
+    KeyError,
+    ValueError,
+  ) as e:
+    sys.exit(f"launch.evaluate: {e}")
+  tgdm_evaluation.write(_OUT.value or _WORKDIR.value, report)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -71,6 +137,12 @@ def main(argv: Sequence[str]) -> None:
     sys.exit(cli.fail("launch.evaluate", "--workdir is required"))
   from launch import inference
 
+  try:
+    name = inference.read_config(_WORKDIR.value).get("model", {}).get("name")
+  except inference.SampleError as e:
+    sys.exit(f"launch.evaluate: {e}")
+  if name == "tgdm":
+    return main_tgdm()
   bad = [t for t in _TASKS.value if t not in evaluation.TASKS]
   if bad:
     sys.exit(f"launch.evaluate: --tasks {bad}: unknown (one of {evaluation.TASKS})")
