@@ -234,20 +234,24 @@ def _check_reenact(report, details, synthetic, cols, with_d3dfr):
   assert same["LPIPS"] > 0 and "PSNR" not in report["results"]["cross"]
 
 
-def _redo_d3dfr(image_u8, landmarks, weights):
-  """D3DFR's coefficients of one image, its steps written out here: dlib's predictor in
-  the landmarks' box, D3DFR's alignment, the torch ResNet-50."""
+def _redo_d3dfr(images_u8, landmarks, weights):
+  """D3DFR's coefficients of images, its steps written out here: dlib's predictor in the
+  box of the stored landmarks, D3DFR's alignment, the torch ResNet-50. (B, 257)."""
   from data_pipelines import faces
   from data_pipelines.encoders import d3dfr
 
-  box = te.landmark_boxes(np.asarray(landmarks)[None], image_u8.shape[0])[0]
-  lm = faces.LandmarkPredictor()(image_u8, tuple(int(v) for v in box))
+  predictor = faces.LandmarkPredictor()
   net = d3dfr.ReconNet().eval()
   net.load_state_dict(torch.load(weights["d3dfr"])["net_recon"])
-  crop = d3dfr.align(image_u8, lm, d3dfr.load_lm3d(weights["d3dfr_lm3d"]))
-  with torch.no_grad():
-    x = torch.from_numpy(crop.astype(np.float32) / 255).permute(2, 0, 1)[None]
-    return net(x).numpy()[0]
+  lm3d = d3dfr.load_lm3d(weights["d3dfr_lm3d"])
+  out = []
+  for img, lm_stored in zip(images_u8, landmarks, strict=True):
+    box = te.landmark_boxes(np.asarray(lm_stored)[None], img.shape[0])[0]
+    crop = d3dfr.align(img, predictor(img, tuple(int(v) for v in box)), lm3d)
+    with torch.no_grad():
+      x = torch.from_numpy(crop.astype(np.float32) / 255).permute(2, 0, 1)[None]
+      out.append(net(x).numpy()[0])
+  return np.stack(out)
 
 
 def test_d3dfr_coefficients_redo_the_exporter_steps(synthetic, d3dfr_weights):
@@ -256,10 +260,7 @@ def test_d3dfr_coefficients_redo_the_exporter_steps(synthetic, d3dfr_weights):
   lms = np.stack([np.asarray(r["landmarks"]) for r in recs])
   got = te.D3DFRCoefficients(d3dfr_weights)(images, te.landmark_boxes(lms, 64))
   assert got.shape == (2, 257) and te.D3DFRCoefficients.layout == "d3dfr"
-  for i in range(2):
-    np.testing.assert_allclose(
-      got[i], _redo_d3dfr(images[i], lms[i], d3dfr_weights), rtol=1e-4, atol=1e-4
-    )
+  np.testing.assert_allclose(got, _redo_d3dfr(images, lms, d3dfr_weights), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("with_d3dfr", [False, pytest.param(True, marks=pytest.mark.slow)])
@@ -282,8 +283,8 @@ def test_reenact_tables_match_independent_computations(
   if with_d3dfr:  # the coefficients of the first result: D3DFR's steps redone here
     d = details["same"]
     rec = next(r for r in records.iter_records(str(synthetic)) if r["key"] == d["keys"][0][1])
-    want = _redo_d3dfr(te.to_uint8(d["image"][0]), rec["landmarks"], d3dfr_weights)
-    np.testing.assert_allclose(d["coeffs"][0], want, rtol=1e-4, atol=1e-4)
+    want = _redo_d3dfr(te.to_uint8(d["image"][:1]), [rec["landmarks"]], d3dfr_weights)
+    np.testing.assert_allclose(d["coeffs"][:1], want, rtol=1e-4, atol=1e-4)
   else:
     assert any(n.startswith("Exp, Angle, Gaze: not computed") for n in report["notes"])
 
