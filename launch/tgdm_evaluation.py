@@ -593,8 +593,8 @@ def notes(report: dict, ctx: _Context) -> list[str]:
   elif mode == "reenact":
     out.append(
       f"Pairs: {opts.num} per setting (seed {opts.seed}); same-identity: source and driver "
-      f"from one {ctx.config.data.pair_field!r} group, the driver's image is the ground "
-      "truth; cross-identity: from different groups."
+      f"share their {ctx.config.data.pair_field!r} (config.data.pair_field), the driver's "
+      "image is the ground truth; cross-identity: they do not."
     )
   else:
     out.append(f"Pairs: {opts.num} (seed {opts.seed}), source and target of different identities.")
