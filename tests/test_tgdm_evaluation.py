@@ -124,10 +124,12 @@ def d3dfr_weights(tmp_path_factory):
 
 
 def _features(images):
-  """A stand-in FID feature extractor: 4x4 average-pooled pixels (48-D)."""
+  """A stand-in FID feature extractor: the mean colour of each image half (6-D, so the
+  8 results of a setting give full-rank covariances and scipy's sqrtm is a sound
+  reference)."""
   x = np.asarray(images, np.float64)
-  b, s = x.shape[0], x.shape[1]
-  return x.reshape(b, 4, s // 4, 4, s // 4, 3).mean((2, 4)).reshape(b, -1)
+  h = x.shape[1] // 2
+  return np.concatenate([x[:, :h].mean((1, 2)), x[:, h:].mean((1, 2))], 1)
 
 
 def _images_by_key(folder):
@@ -359,13 +361,18 @@ def test_command_line_dispatches_tgdm_workdirs(synthetic, vgg16, tmp_path, monke
     seen.update(workdir=workdir, options=options)
     return report, None
 
+  from launch import evaluate as cli
+
   monkeypatch.setattr(te, "evaluate", fake)
+  monkeypatch.setattr(cli, "fid_hook", lambda path: ("fid features of", path))
   out = tmp_path / "out"
   got = _cli(
     [f"--workdir={work}", f"--out={out}", "--num=16", "--batch=8", "--seed=3", "--steps=4",
-     "--weights=id_arcface=/a.pth", "--weights=d3dfr=/d.pth", "--lpips_vgg16=/v.pth"]
+     "--weights=id_arcface=/a.pth", "--weights=d3dfr=/d.pth", "--lpips_vgg16=/v.pth",
+     "--inception=/i.pth"]
   )  # fmt: skip
   o = seen["options"]
+  assert o.fid_features == ("fid features of", "/i.pth")  # --inception wires the FID hook
   assert seen["workdir"] == str(work) and (o.num, o.batch, o.seed) == (16, 8, 3)
   assert o.steps == 4 and o.method is None  # the config's sampler unless --method is given
   assert o.weights == {"id_arcface": "/a.pth", "d3dfr": "/d.pth"} and o.lpips_vgg16 == "/v.pth"
