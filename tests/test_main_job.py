@@ -39,8 +39,14 @@ def test_main_job_trains_samples_and_summarises(tmp_path):
     grid = np.asarray(Image.open(r["grid"]))
     s = cfg.data.image_size
     assert grid.shape == (4 * (s + 2) - 2, 4 * (s + 2) - 2, 3)
-    for key in ("id_cos_result_to_id_source", "id_cos_background_to_id_source"):
+    for key in (
+      "id_cos_result_to_id_source",
+      "id_cos_background_to_id_source",
+      "id_cos_noise_to_id_source",
+    ):
       assert -1.0 <= r[key] <= 1.0, (task, key)
+    # Both images are in [0, 1] after the map from [-1, 1]: the MSE is at most 1.
+    assert r["psnr_result_to_background_db"] >= 0.0, r
   # Reenactment keeps the background's identity (its background is its identity source,
   # so the in-graph embedding of the 64 px image is close to the stored one), a swap
   # brings another record's.
@@ -51,5 +57,6 @@ def test_main_job_trains_samples_and_summarises(tmp_path):
   )
   on_disk = json.load(open(tmp_path / "summary.json"))
   assert on_disk["heldout_ldm"]["fell"] == bool(ldm["after"]["mean"] < ldm["before"]["mean"])
-  assert "| mean |" in open(tmp_path / "summary.md").read()
+  md = open(tmp_path / "summary.md").read()
+  assert "| mean |" in md and "| noise |" in md
   assert os.path.exists(tmp_path / "checkpoints" / "10")
