@@ -2,13 +2,12 @@
 
 Default run: bad inputs on config-only workdirs (every check comes before the checkpoint
 is loaded): one line naming the input, nothing written, exit status 1 from the real
-entry point. Slow (-m slow): tiny TGDM reenact / swap and EmoA2E workdirs trained with
-launch.runner.run, then every task through the command, each result compared with the
+entry point. Then tiny TGDM reenact / swap and EmoA2E workdirs (step-1 checkpoints
+written by the test) through every task of the command, each result compared with the
 TGDMPipeline called directly on independently decoded records with the same params and
-key.
+key. Slow (-m slow): user photos and a video file through the exporter.
 """
 
-import dataclasses
 import io
 import json
 import os
@@ -182,7 +181,7 @@ def test_entry_point_answers_bad_inputs_with_one_line_and_exit_1(bare, tmp_path)
   assert not out.exists()
 
 
-# ---- trained workdirs (slow) ----
+# ---- tiny checkpoints through every task ----
 
 
 def _tgdm_config(variant, data_path=""):
@@ -209,31 +208,47 @@ def _tgdm_config(variant, data_path=""):
   return c
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, bare):
-  """One training step of TGDM reenact and swap (on one synthetic 3DMM set, 2 groups of
-  4 records at 32 px) and of EmoA2E, each with launch.runner.run."""
+def _checkpoint(config, workdir):
+  """A tiny workdir as launch.runner leaves it (config.json, a step-1 checkpoint), written
+  from the initial state without compiling a training step: the EMA params (where the
+  config keeps them) are the params scaled by 0.5, so the EMA / trained choice shows in
+  the results."""
+  import jax
+
+  from facediff import partitioning
+  from facediff.train import checkpoint as ckpt_lib
+  from facediff.train import state as state_lib
   from launch import runner
 
-  def train(config, workdir):
-    # The loop previews at the last step even with sample_every = 0: no sampler here,
-    # one compile less per model (the checkpoint is the same).
-    task = dataclasses.replace(runner.build_task(config), sample_fn=None)
-    runner.run(config, workdir, task=task)
+  prepared = runner.prepare(config, workdir)
+  with partitioning.activation_rules(prepared.mesh):
+    state, _, _ = state_lib.create_train_state(prepared.task, config, prepared.mesh)
+  ema = None if state.ema_params is None else jax.tree.map(lambda p: 0.5 * p, state.params)
+  state = state.replace(step=state.step + 1, ema_params=ema)
+  ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.train)
+  ck.save(1, state, force=True)
+  ck.wait()
+  ck.close()
 
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, bare):
+  """Step-1 checkpoints of TGDM reenact and swap (on one synthetic 3DMM set, 2 groups of
+  4 records at 32 px) and of EmoA2E, in workdirs prepared by launch.runner (training
+  itself is tested elsewhere; compiling its step here would cost minutes)."""
   d = tmp_path_factory.mktemp("trained")
   reenact, swap, a2e = str(d / "reenact"), str(d / "swap"), str(d / "emoa2e")
   data = str(d / "data")
   synthetic_3dmm.build(data, **dict(_tgdm_config("tiny").synthetic_3dmm))
-  train(_tgdm_config("tiny", data), reenact)
-  train(_tgdm_config("tiny_swap", data), swap)
+  _checkpoint(_tgdm_config("tiny", data), reenact)
+  _checkpoint(_tgdm_config("tiny_swap", data), swap)
   c = emoa2e_configs.get_config("tiny")
-  c.data.text_encoder = "random"  # training only; the command embeds with MiniLM
+  c.data.text_encoder = "random"  # the records only; the command embeds with MiniLM
   c.data.num_records = 16
   c.data.num_frames = 4
   c.model.num_layers = 1
   c.train.update(dict(num_steps=1, log_every=1, checkpoint_every=1, async_checkpointing=False))
-  train(c, a2e)
+  _checkpoint(c, a2e)
   return {"reenact": reenact, "swap": swap, "emoa2e": a2e, "data": data, "dir": d}
 
 
@@ -267,7 +282,6 @@ def _job(**kw):
   return job
 
 
-@pytest.mark.slow
 def test_reenact_equals_the_pipeline_and_records_its_run(trained, tmp_path):
   import jax
 
@@ -317,7 +331,6 @@ def test_reenact_equals_the_pipeline_and_records_its_run(trained, tmp_path):
   np.testing.assert_array_equal(_png(out / "a.png"), _u8(want.image[0]))
 
 
-@pytest.mark.slow
 def test_video_has_the_drivers_frames_and_equals_the_pipeline(trained, tmp_path):
   import cv2
   import jax
@@ -367,7 +380,6 @@ def test_video_has_the_drivers_frames_and_equals_the_pipeline(trained, tmp_path)
   assert rec["jobs"][1]["fps"] == 10.0
 
 
-@pytest.mark.slow
 def test_audio_frames_follow_the_clips_and_equal_the_pipeline(trained, tmp_path):
   import jax
 
@@ -432,7 +444,6 @@ def test_audio_frames_follow_the_clips_and_equal_the_pipeline(trained, tmp_path)
   assert Image.open(tmp_path / "out" / "talk.gif").n_frames == 6
 
 
-@pytest.mark.slow
 def test_swap_equals_the_pipeline_and_needs_a_swap_workdir(trained, tmp_path):
   import jax
 
@@ -468,7 +479,6 @@ def test_swap_equals_the_pipeline_and_needs_a_swap_workdir(trained, tmp_path):
   assert not out.exists()
 
 
-@pytest.mark.slow
 def test_entry_point_runs_a_csv_of_tgdm_jobs(trained, tmp_path):
   data = trained["data"]
   jobs = tmp_path / "jobs.csv"
