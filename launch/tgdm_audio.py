@@ -341,8 +341,9 @@ def drive(
     )
   )
   files = save_frames(out.i3d, out.image, out_dir, name)
-  # How much the mouth moves: LMD (mouth) of each frame's expression against the mean
-  # expression over the frames (source identity, frontal pose), in pixels.
+  # How much the mouth moves: LMD (mouth) of each frame's driving expression (EmoA2E's,
+  # smoothed over the video window) against their mean over the frames (source
+  # identity, frontal pose), in pixels.
   lm_model, camera = _landmarks_of(config)
   beta = np.asarray(out.expression)[None]
   zero = np.zeros(beta.shape[:2] + (3,), np.float32)
