@@ -194,6 +194,14 @@ def make_world(config, utterances: list[np.ndarray]) -> World:
   )
 
 
+def load_world(config) -> World:
+  """The :class:`World` of ``config``, its utterances loaded: e.g. to standardise new
+  speech (``world.standardise(audio.audio_clips(wave, ...))``) exactly as the
+  training clips were, before feeding it to an EmoA2E trained on this set."""
+  raw, _ = load_utterances(config.data, audio.MFCCConfig(**dict(config.audio)))
+  return make_world(config, raw)
+
+
 def _smooth_walk(rng, frames: int, dims: int, step: float) -> np.ndarray:
   return np.cumsum(rng.normal(scale=step, size=(frames, dims)), axis=0)
 

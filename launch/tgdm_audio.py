@@ -52,6 +52,42 @@ def save_frames(i3d, images, out_dir: str, name: str) -> dict:
   return {"frames": len(images), "png": strip, "gif": gif, "rows": ["I_3d", "result"]}
 
 
+def check_inputs(
+  config,
+  wav: str | None = None,
+  emotion: str = "happy",
+  intensity: float = 2.0,
+  frames: int | None = None,
+  **_,
+) -> None:
+  """The audio stage's checks that need no data (ValueError / OSError naming the flag):
+  an EmoA2E config, eta in [1, 3] (TGDM Eq. 9's test-time range), a positive frame
+  count, a readable WAV, and an emotion the text encoder can embed."""
+  from data_pipelines import text_embed
+  from facediff import audio
+  from facediff.train import emoa2e_task
+
+  if config.model.get("name") != "emoa2e":
+    raise ValueError(f"--emoa2e_config: model.name is {config.model.get('name')!r}, not emoa2e")
+  emoa2e_task.model_config(config)  # the model's own shape checks
+  if not 1.0 <= float(intensity) <= 3.0:
+    raise ValueError(f"--audio_intensity={intensity}: eta must lie in [1, 3] (TGDM Eq. 9)")
+  if frames is not None and int(frames) < 1:
+    raise ValueError(f"--audio_frames={frames}: must be >= 1")
+  if wav is not None:
+    if not os.path.isfile(wav):
+      raise FileNotFoundError(f"--audio_wav={wav}: no such file")
+    audio.load_wav(wav, int(config.audio.sample_rate))  # raises naming the file
+  labels = tuple(config.data.get("emotions", text_embed.MEAD_EMOTIONS))
+  if not str(emotion).strip():
+    raise ValueError("--audio_emotion: empty text")
+  if str(config.data.text_encoder) != "minilm" and emotion not in labels:
+    raise ValueError(
+      f"--audio_emotion={emotion!r}: the {config.data.text_encoder!r} text encoder embeds "
+      f"only the set's labels {labels}"
+    )
+
+
 def prepare(config, bfm_file: str):
   """The EmoA2E config whose landmark loss uses the morphable model in ``bfm_file``."""
   c = config.copy_and_resolve_references()

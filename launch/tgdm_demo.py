@@ -386,10 +386,19 @@ _AUDIO_FRAMES = flags.DEFINE_integer(
 PROG = "launch.tgdm_demo"
 
 
-def check_inputs(config, swap_config, workdir: str, heldout_groups: int, video_frames: int):
+def check_inputs(
+  config,
+  swap_config,
+  workdir: str,
+  heldout_groups: int,
+  video_frames: int,
+  emoa2e_config=None,
+  audio_options: dict | None = None,
+):
   """The checks that need no data: raises ValueError / OSError naming the flag."""
   from facediff import cli
   from facediff.train import tgdm_task
+  from launch import tgdm_audio
 
   cli.check_output_dir(workdir, "--workdir")
   for flag, c in (("--config", config), ("--swap_config", swap_config)):
@@ -399,14 +408,28 @@ def check_inputs(config, swap_config, workdir: str, heldout_groups: int, video_f
   for flag, value in (("--heldout_groups", heldout_groups), ("--video_frames", video_frames)):
     if value < 1:
       raise ValueError(f"{flag}={value}: must be >= 1")
+  if emoa2e_config is not None:
+    tgdm_audio.check_inputs(emoa2e_config, **(audio_options or {}))
 
 
 def main(argv: Sequence[str]) -> None:
   from launch import cli
 
   cli.no_extra_arguments(PROG, argv)
+  emoa2e_config = _EMOA2E_CONFIG.value if _AUDIO.value else None
+  audio_options = dict(
+    wav=_WAV.value, emotion=_EMOTION.value, intensity=_INTENSITY.value, frames=_AUDIO_FRAMES.value
+  )
   try:
-    check_inputs(_CONFIG.value, _SWAP_CONFIG.value, _WORKDIR.value, _GROUPS.value, _FRAMES.value)
+    check_inputs(
+      _CONFIG.value,
+      _SWAP_CONFIG.value,
+      _WORKDIR.value,
+      _GROUPS.value,
+      _FRAMES.value,
+      emoa2e_config,
+      audio_options,
+    )
   except cli.INPUT_ERRORS as e:
     raise SystemExit(cli.fail(PROG, e)) from None
   summary = run(
@@ -415,13 +438,8 @@ def main(argv: Sequence[str]) -> None:
     _SWAP_CONFIG.value,
     heldout_groups=_GROUPS.value,
     video_frames=_FRAMES.value,
-    emoa2e_config=_EMOA2E_CONFIG.value if _AUDIO.value else None,
-    audio_options=dict(
-      wav=_WAV.value,
-      emotion=_EMOTION.value,
-      intensity=_INTENSITY.value,
-      frames=_AUDIO_FRAMES.value,
-    ),
+    emoa2e_config=emoa2e_config,
+    audio_options=audio_options,
   )
   print(markdown(summary))
   print(f"summary: {os.path.join(summary['workdir'], 'summary.json')}")
@@ -430,4 +448,4 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
   from launch import cli
 
-  app.run(main, flags_parser=cli.flags_parser(PROG, ("config", "swap_config")))
+  app.run(main, flags_parser=cli.flags_parser(PROG, ("config", "swap_config", "emoa2e_config")))

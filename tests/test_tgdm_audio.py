@@ -76,6 +76,7 @@ def test_heldout_audio_is_disjoint_from_training_and_follows_the_same_map():
   train_raw = np.concatenate(raw[: n - 2]).astype(np.float64)
   np.testing.assert_allclose(world.mfcc_mean, train_raw.mean(axis=(0, 1)), rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(world.mfcc_std, train_raw.std(axis=(0, 1)), rtol=1e-4)
+  np.testing.assert_array_equal(synthetic_audio.load_world(c).mfcc_mean, world.mfcc_mean)
   with pytest.raises(ValueError, match="training seed"):
     tgdm_audio.heldout_config(c, seed=int(c.data.seed))
   with pytest.raises(ValueError, match="heldout_utterances"):
@@ -87,6 +88,26 @@ def test_consistency_check_names_the_mismatch():
   assert tgdm_audio.check_consistent(c, bfm.synthetic_bfm(800, seed=0))["expression_dim"] == 64
   with pytest.raises(ValueError, match="not the TGDM set's"):
     tgdm_audio.check_consistent(c, bfm.synthetic_bfm(400, seed=0))
+
+
+def test_audio_flags_are_checked_before_any_work(tmp_path):
+  c = _config()
+  tgdm_audio.check_inputs(c, emotion="sad", intensity=1.5, frames=4)
+  bad_wav = tmp_path / "x.wav"
+  bad_wav.write_bytes(b"not a wav")
+  for kw, flag in (
+    (dict(intensity=3.5), "--audio_intensity"),
+    (dict(frames=0), "--audio_frames"),
+    (dict(wav=str(tmp_path / "missing.wav")), "--audio_wav"),
+    (dict(wav=str(bad_wav)), "x.wav"),
+    (dict(emotion="nostalgic"), "--audio_emotion"),  # the random encoder knows labels only
+  ):
+    with pytest.raises((ValueError, OSError), match=flag):
+      tgdm_audio.check_inputs(c, **kw)
+  from configs import tgdm as tgdm_configs
+
+  with pytest.raises(ValueError, match="--emoa2e_config"):
+    tgdm_audio.check_inputs(tgdm_configs.get_config("tiny"))
 
 
 def _oracle_i3d(config, params, x, t, cond):
