@@ -167,3 +167,26 @@ def run(config, workdir: str, task=None) -> dict:
   With an empty ``config.data.path`` (shards) the demo dataset is built into
   ``workdir/data`` first (TGDM's tiny configs: the synthetic 3DMM set)."""
   return train(config, workdir, prepare(config, workdir, task))
+
+
+def train_and_restore(config, workdir: str, task=None):
+  """Trains ``config`` in ``workdir`` with :func:`run` (resuming) and returns (a short
+  train summary, the trained params restored from the newest checkpoint)."""
+  from facediff import partitioning  # noqa: PLC0415
+  from facediff.train import checkpoint as ckpt_lib  # noqa: PLC0415
+  from facediff.train import state as state_lib  # noqa: PLC0415
+
+  task = task or build_task(config)
+  summary = run(config, workdir, task=task)
+  mesh = partitioning.make_mesh(dict(config.mesh))
+  with partitioning.activation_rules(mesh):
+    abstract, _, _ = state_lib.abstract_state(task, config, mesh)
+    ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.train)
+    restored = ck.restore_latest(abstract)
+    ck.close()
+  if restored is None:
+    raise RuntimeError(f"{workdir}/checkpoints: training wrote no checkpoint")
+  state, step = restored
+  summary = {k: summary.get(k) for k in ("step", "start_step", "num_params", "seconds")}
+  summary["restored_step"] = int(step)
+  return summary, state.params

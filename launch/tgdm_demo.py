@@ -3,6 +3,8 @@ swap and drive a video on held-out identities, before and after training.
 
     python -m launch.tgdm_demo --workdir DIR [--config configs/tgdm.py:tiny]
         [--swap_config configs/tgdm.py:tiny_swap] [--config.train.num_steps=300 ...]
+        [--emoa2e_config configs/emoa2e.py:tiny] [--audio_wav X.wav]
+        [--audio_emotion happy --audio_intensity 2] [--noaudio]
 
 1. Builds the synthetic 3DMM set (data_pipelines/synthetic_3dmm.py, ``config.
    synthetic_3dmm``) into ``DIR/data`` and a held-out set of other identities (another
@@ -23,6 +25,12 @@ swap and drive a video on held-out identities, before and after training.
 4. A video: the trained reenact model driven by a coefficient sequence interpolated
    between two records of a held-out group (radius-1 window) -> a frames PNG (I_3d row,
    result row) and an animated GIF.
+5. Audio (launch.tgdm_audio; ``--noaudio`` skips it): trains EmoA2E
+   (``--emoa2e_config``, TGDM 4.2) in ``DIR/emoa2e`` on the synthetic audio set with the
+   3DMM set's morphable model, scores LMD on held-out audio (utterances never trained
+   on, another seed) before and after training, checks the intensity knob and a
+   compound emotion, and drives the trained reenact model from a held-out speech WAV
+   -> ``audio.png`` (I_3d row, result row) and ``audio.gif`` beside the video.
 
 Writes ``DIR/summary.json`` and ``DIR/summary.md``. Evaluation uses the trained params
 themselves (not the EMA: the tiny configs' decay 0.999 over 300 steps still holds 74% of
@@ -168,29 +176,6 @@ def _prepare(config, workdir: str, data_dir: str):
   return c
 
 
-def train_and_restore(config, workdir: str):
-  """Trains ``config`` in ``workdir`` (resuming) and returns (train summary, params)."""
-  from facediff import partitioning
-  from facediff.train import checkpoint as ckpt_lib
-  from facediff.train import state as state_lib
-  from launch import runner
-
-  task = runner.build_task(config)
-  summary = runner.run(config, workdir, task=task)
-  mesh = partitioning.make_mesh(dict(config.mesh))
-  with partitioning.activation_rules(mesh):
-    abstract, _, _ = state_lib.abstract_state(task, config, mesh)
-    ck = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config.train)
-    restored = ck.restore_latest(abstract)
-    ck.close()
-  if restored is None:
-    raise RuntimeError(f"{workdir}/checkpoints: training wrote no checkpoint")
-  state, step = restored
-  summary = {k: summary.get(k) for k in ("step", "start_step", "num_params", "seconds")}
-  summary["restored_step"] = int(step)
-  return summary, state.params
-
-
 def initial_params(config):
   """The params training starts from (``init_params`` with ``train.seed``)."""
   import flax.linen as nn
@@ -224,19 +209,15 @@ def video(pipe, params, group: list[dict], frames: int, key, out_dir: str) -> di
   """Drives the group's record 0 with coefficients interpolated from its record 1 to its
   record 2 (expression and pose move; the window of radius 1 smooths them)."""
   import jax
-  from PIL import Image
+
+  from launch import tgdm_audio
 
   w = np.linspace(0.0, 1.0, frames, dtype=np.float32)[:, None]
   seq = (1 - w) * group[1]["coeffs"][None] + w * group[2]["coeffs"][None]
   out = jax.device_get(
     pipe.drive_video(params, group[0]["image"], group[0]["coeffs"], seq, key, radius=1)
   )
-  strip = _save_png(grid([list(out.i3d), list(out.image)]), os.path.join(out_dir, "video.png"))
-  px = [np.clip((f + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8) for f in out.image]
-  gif = os.path.join(out_dir, "video.gif")
-  imgs = [Image.fromarray(p).resize((p.shape[1] * 2, p.shape[0] * 2), Image.NEAREST) for p in px]
-  imgs[0].save(gif, save_all=True, append_images=imgs[1:], duration=120, loop=0)
-  return {"frames": frames, "png": strip, "gif": gif, "rows": ["I_3d", "result"]}
+  return tgdm_audio.save_frames(out.i3d, out.image, out_dir, "video")
 
 
 def run(
@@ -246,11 +227,17 @@ def run(
   heldout_groups: int = 4,
   heldout_seed: int = 1,
   video_frames: int = 8,
+  emoa2e_config=None,
+  audio_options: dict | None = None,
 ) -> dict:
+  """The demo (module docstring); ``emoa2e_config`` None skips the audio stage, whose
+  keyword options (launch.tgdm_audio.run: ``wav``, ``emotion``, ``intensity``,
+  ``frames``, ``compound``, ``heldout_records``) ``audio_options`` holds."""
   import jax
 
   from data_pipelines import synthetic_3dmm
   from facediff.render import bfm
+  from launch import runner, tgdm_audio
 
   t0 = time.time()
   workdir = os.path.abspath(workdir)
@@ -282,7 +269,7 @@ def run(
     pipe = make_pipeline(cfg, morph)
     before, _, _ = fn(pipe, initial_params(cfg), inputs[task], key)
     logging.info("%s before training: PSNR %.2f dB", task, before["psnr"])
-    train_summary, params = train_and_restore(cfg, os.path.join(workdir, task))
+    train_summary, params = runner.train_and_restore(cfg, os.path.join(workdir, task))
     after, truth, out = fn(pipe, params, inputs[task], key)
     logging.info("%s after training: PSNR %.2f dB", task, after["psnr"])
     second = inputs[task].get("driver_image", inputs[task].get("target_image"))
@@ -309,6 +296,19 @@ def run(
     trained[task] = (pipe, params)
   pipe, params = trained["reenact"]
   summary["video"] = video(pipe, params, groups[0], video_frames, key, out_dir)
+  if emoa2e_config is not None:
+    summary["audio"] = tgdm_audio.run(
+      tgdm_audio.prepare(emoa2e_config, os.path.join(data_dir, synthetic_3dmm.BFM_FILE)),
+      workdir,
+      pipe=pipe,
+      params=params,
+      source=groups[0][0],
+      key=key,
+      out_dir=out_dir,
+      tgdm_config=config,
+      heldout_seed=heldout_seed,
+      **(audio_options or {}),
+    )
   summary["seconds"] = round(time.time() - t0, 1)
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
@@ -342,6 +342,10 @@ def markdown(summary: dict) -> str:
     f"Video: {v['frames']} frames, {os.path.basename(v['png'])} (I_3d row, result row), "
     f"{os.path.basename(v['gif'])}.",
   ]
+  if "audio" in summary:
+    from launch import tgdm_audio
+
+    lines += tgdm_audio.markdown(summary["audio"])
   return "\n".join(lines) + "\n"
 
 
@@ -358,18 +362,43 @@ _SWAP_CONFIG = config_flags.DEFINE_config_file(
   "The swap config (TGDM 4.4); it trains on the reenact config's synthetic set.",
   lock_config=True,
 )
+_EMOA2E_CONFIG = config_flags.DEFINE_config_file(
+  "emoa2e_config",
+  os.path.join(ROOT, "configs", "emoa2e.py") + ":tiny",
+  "The EmoA2E config (TGDM 4.2) of the audio stage; its landmark loss uses the synthetic "
+  "3DMM set's morphable model.",
+  lock_config=True,
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder.", required=True)
 _GROUPS = flags.DEFINE_integer("heldout_groups", 4, "Held-out identity groups.")
 _FRAMES = flags.DEFINE_integer("video_frames", 8, "Frames of the driven video.")
+_AUDIO = flags.DEFINE_bool("audio", True, "Run the audio stage (EmoA2E, audio driving).")
+_WAV = flags.DEFINE_string(
+  "audio_wav", None, "Speech WAV that drives the face (default: a held-out utterance)."
+)
+_EMOTION = flags.DEFINE_string("audio_emotion", "happy", "Emotion text of the audio drive.")
+_INTENSITY = flags.DEFINE_float("audio_intensity", 2.0, "Emotion intensity eta, in [1, 3].")
+_AUDIO_FRAMES = flags.DEFINE_integer(
+  "audio_frames", None, "Frames of the audio drive (default: EmoA2E's sequence length)."
+)
 
 
 PROG = "launch.tgdm_demo"
 
 
-def check_inputs(config, swap_config, workdir: str, heldout_groups: int, video_frames: int):
+def check_inputs(
+  config,
+  swap_config,
+  workdir: str,
+  heldout_groups: int,
+  video_frames: int,
+  emoa2e_config=None,
+  audio_options: dict | None = None,
+):
   """The checks that need no data: raises ValueError / OSError naming the flag."""
   from facediff import cli
   from facediff.train import tgdm_task
+  from launch import tgdm_audio
 
   cli.check_output_dir(workdir, "--workdir")
   for flag, c in (("--config", config), ("--swap_config", swap_config)):
@@ -379,14 +408,28 @@ def check_inputs(config, swap_config, workdir: str, heldout_groups: int, video_f
   for flag, value in (("--heldout_groups", heldout_groups), ("--video_frames", video_frames)):
     if value < 1:
       raise ValueError(f"{flag}={value}: must be >= 1")
+  if emoa2e_config is not None:
+    tgdm_audio.check_inputs(emoa2e_config, **(audio_options or {}))
 
 
 def main(argv: Sequence[str]) -> None:
   from launch import cli
 
   cli.no_extra_arguments(PROG, argv)
+  emoa2e_config = _EMOA2E_CONFIG.value if _AUDIO.value else None
+  audio_options = dict(
+    wav=_WAV.value, emotion=_EMOTION.value, intensity=_INTENSITY.value, frames=_AUDIO_FRAMES.value
+  )
   try:
-    check_inputs(_CONFIG.value, _SWAP_CONFIG.value, _WORKDIR.value, _GROUPS.value, _FRAMES.value)
+    check_inputs(
+      _CONFIG.value,
+      _SWAP_CONFIG.value,
+      _WORKDIR.value,
+      _GROUPS.value,
+      _FRAMES.value,
+      emoa2e_config,
+      audio_options,
+    )
   except cli.INPUT_ERRORS as e:
     raise SystemExit(cli.fail(PROG, e)) from None
   summary = run(
@@ -395,6 +438,8 @@ def main(argv: Sequence[str]) -> None:
     _SWAP_CONFIG.value,
     heldout_groups=_GROUPS.value,
     video_frames=_FRAMES.value,
+    emoa2e_config=emoa2e_config,
+    audio_options=audio_options,
   )
   print(markdown(summary))
   print(f"summary: {os.path.join(summary['workdir'], 'summary.json')}")
@@ -403,4 +448,4 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
   from launch import cli
 
-  app.run(main, flags_parser=cli.flags_parser(PROG, ("config", "swap_config")))
+  app.run(main, flags_parser=cli.flags_parser(PROG, ("config", "swap_config", "emoa2e_config")))

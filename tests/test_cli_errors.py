@@ -118,6 +118,7 @@ def test_launch_main_tgdm_demo_sample_evaluate_answer_with_one_line(places):
       ("launch.tgdm_demo", [f"--workdir={new}", "--config=configs/tgdm.py:vox256"], ["vox256"]),
       ("launch.tgdm_demo", [f"--workdir={new}", "--heldout_groups=0"], ["--heldout_groups"]),
       ("launch.tgdm_demo", [f"--workdir={new}", "--swap_config.model.mode=x"], ["mode", "'x'"]),
+      ("launch.tgdm_demo", [f"--workdir={new}", "--audio_intensity=5"], ["--audio_intensity"]),
       ("launch.sample", [f"--workdir={new}", f"--out={new}", "--method=nope"], ["--method"]),
       ("launch.sample", [], ["--workdir"]),
       ("launch.evaluate", [f"--workdir={new}", "--num=x"], ["--num"]),

@@ -116,6 +116,54 @@ def test_landmark_distance():
   )
 
 
+def _landmarks_written_out(model, identity, expression, angle, translation):
+  """The 68 landmarks of D3DFR's 224-px camera, written out (FACTS.md): S = mean +
+  idBase a + exBase b as (N, 3); R = Rz Ry Rx of radians (x, y, z); p' = R p + t;
+  u = 1015 X / (10 - z') + 112, v likewise; pixel (col, row) = (u, 223 - v)."""
+  m = {k: np.asarray(getattr(model, k), np.float64) for k in ("mean_shape", "id_base", "exp_base")}
+  shape = m["mean_shape"] + (m["id_base"] @ identity + m["exp_base"] @ expression).reshape(-1, 3)
+  x, y, z = angle
+  rx = np.array([[1, 0, 0], [0, np.cos(x), -np.sin(x)], [0, np.sin(x), np.cos(x)]])
+  ry = np.array([[np.cos(y), 0, np.sin(y)], [0, 1, 0], [-np.sin(y), 0, np.cos(y)]])
+  rz = np.array([[np.cos(z), -np.sin(z), 0], [np.sin(z), np.cos(z), 0], [0, 0, 1]])
+  p = shape[np.asarray(model.keypoints)] @ (rz @ ry @ rx).T + translation
+  u = 1015.0 * p[:, 0] / (10.0 - p[:, 2]) + 112.0
+  v = 1015.0 * p[:, 1] / (10.0 - p[:, 2]) + 112.0
+  return np.stack([u, 223.0 - v], axis=1)
+
+
+def test_expression_landmark_distance_written_out():
+  """LMD of expression coefficients on the full synthetic morphable model (B sequences
+  of F frames, identity per sequence) equals the landmarks written out step by step."""
+  model = bfm.synthetic_bfm(400, seed=3)
+  rng = np.random.default_rng(4)
+  b, f = 2, 3
+  ident = rng.normal(size=(b, 80)).astype(np.float32) * 0.7
+  pred, true = (rng.normal(size=(2, b, f, 64)) * 0.7).astype(np.float32)
+  angle = (rng.normal(size=(b, f, 3)) * 0.1).astype(np.float32)
+  trans = (rng.normal(size=(b, f, 3)) * 0.05).astype(np.float32)
+  got = metrics.expression_landmark_distance(model, ident[:, None], pred, true, angle, trans)
+  mouth = metrics.expression_landmark_distance(
+    model, ident[:, None], pred, true, angle, trans, indices=metrics.MOUTH
+  )
+  want = np.zeros((b, f))
+  want_mouth = np.zeros((b, f))
+  for i in range(b):
+    for t in range(f):
+      args = (angle[i, t].astype(np.float64), trans[i, t].astype(np.float64))
+      lp = _landmarks_written_out(model, ident[i], pred[i, t], *args)
+      lt = _landmarks_written_out(model, ident[i], true[i, t], *args)
+      d = np.linalg.norm(lp - lt, axis=1)
+      want[i, t], want_mouth[i, t] = d.mean(), d[48:68].mean()
+  assert got.shape == (b, f) and want.min() > 0.1
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4)
+  np.testing.assert_allclose(np.asarray(mouth), want_mouth, rtol=1e-4)
+  same = metrics.expression_landmark_distance(model, ident[:, None], true, true, angle, trans)
+  np.testing.assert_array_equal(np.asarray(same), 0.0)
+  with pytest.raises(ValueError, match="expression bases"):
+    metrics.expression_landmark_distance(model, ident[:, None], pred[..., :10], true, angle, trans)
+
+
 def _rotation(yaw, pitch, roll):
   """R = Rz(roll) Ry(yaw) Rx(pitch), angles in degrees, written out."""
   x, y, z = np.radians([pitch, yaw, roll])

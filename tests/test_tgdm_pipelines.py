@@ -10,6 +10,7 @@ built by hand. (slow) The demo trains, samples and improves on held-out groups.
 """
 
 import json
+import os
 
 import flax.linen as nn
 import jax
@@ -322,10 +323,22 @@ def _demo_config(variant, steps):
   return c
 
 
+def _emoa2e_config():
+  """configs/emoa2e.py:tiny as the demo runs it (1000 steps, the real MiniLM)."""
+  from configs import emoa2e as emoa2e_configs
+
+  c = emoa2e_configs.get_config("tiny")
+  c.train.async_checkpointing = False
+  return c
+
+
 @pytest.mark.slow
 def test_demo_trains_improves_and_writes_its_outputs(tmp_path):
   """launch.tgdm_demo at 32 px with 30 training steps per model: held-out reenactment
-  and swap get closer to the exact answer on the face than with the initial params."""
+  and swap get closer to the exact answer on the face than with the initial params.
+  The audio stage (the tiny EmoA2E as configured): held-out LMD drops, eta moves the
+  prediction along the emotion's direction, the compound emotion lands nearest the
+  mixed truth, and the trained reenact model is driven by a held-out WAV."""
   from PIL import Image
 
   from launch import tgdm_demo
@@ -336,6 +349,7 @@ def test_demo_trains_improves_and_writes_its_outputs(tmp_path):
     _demo_config("tiny_swap", 30),
     heldout_groups=3,
     video_frames=4,
+    emoa2e_config=_emoa2e_config(),
   )
   for task in ("reenact", "swap"):
     r = summary[task]
@@ -351,9 +365,30 @@ def test_demo_trains_improves_and_writes_its_outputs(tmp_path):
   assert gif.n_frames == 4
   assert json.load(open(tmp_path / "summary.json"))["reenact"]["improved"]
   assert "| reenact |" in open(tmp_path / "summary.md").read()
+  a = summary["audio"]
+  print({k: a[k] for k in ("lmd", "intensity", "compound", "seconds")})
+  assert a["train"]["restored_step"] == 1000 and a["heldout"]["audio"] == "speech"
+  assert a["lmd"]["after"]["lmd"] < a["lmd"]["before"]["lmd"] and a["lmd"]["improved"]
+  it = a["intensity"]["after"]
+  assert it["toward_emotion"] and not a["intensity"]["before"]["toward_emotion"]
+  assert 0.5 < it["projection"][1] < 1.5 and 1.0 < it["projection"][2] < 3.0
+  assert a["compound"]["after"]["closest_to_mix"] and 0 < a["compound"]["after"]["blend"] < 1
+  d = a["drive"]
+  assert d["frames"] == 8 and os.path.dirname(d["gif"]) == os.path.dirname(summary["video"]["gif"])
+  assert Image.open(d["gif"]).n_frames == 8
+  assert np.asarray(Image.open(d["png"])).shape == (2 * 34 - 2, 8 * 34 - 2, 3)
+  assert json.load(open(tmp_path / "summary.json"))["audio"]["lmd"]["improved"]
+  assert "## Audio" in open(tmp_path / "summary.md").read()
   # A second start resumes: nothing left to train, the same scores.
   again = tgdm_demo.run(
-    _demo_config("tiny", 30), str(tmp_path), None, heldout_groups=3, video_frames=4
+    _demo_config("tiny", 30),
+    str(tmp_path),
+    None,
+    heldout_groups=3,
+    video_frames=4,
+    emoa2e_config=_emoa2e_config(),
   )
   assert again["reenact"]["train"]["start_step"] == 30
   np.testing.assert_allclose(again["reenact"]["after"]["psnr"], summary["reenact"]["after"]["psnr"])
+  assert again["audio"]["train"]["start_step"] == 1000
+  np.testing.assert_allclose(again["audio"]["lmd"]["after"]["lmd"], a["lmd"]["after"]["lmd"])

@@ -6,7 +6,8 @@ Image (``image``; NHWC batches, ``value_range`` default [-1, 1], jit-able, (B,) 
 Identity / expression / landmarks (``identity``; embeddings from
 ``facediff.losses.face_encoders`` via ``face_embeddings``, jit-able): ``identity_cosine``,
 ``retrieval_accuracy``
-(and ``retrieve``), ``expression_error``, ``landmark_distance``.
+(and ``retrieve``), ``expression_error``, ``landmark_distance``,
+``expression_landmark_distance`` (LMD of 3DMM expression coefficients).
 3DMM coefficients (``coeffs``; host numpy): ``coefficient_distances`` (TGDM's Exp, Angle,
 Gaze).
 Head pose (``pose``; host numpy + OpenCV): ``head_pose``, ``pose_error``,
@@ -29,6 +30,7 @@ from facediff.metrics.fid import (
 from facediff.metrics.identity import (
   MOUTH,
   expression_error,
+  expression_landmark_distance,
   face_embeddings,
   identity_cosine,
   landmark_distance,
@@ -53,6 +55,7 @@ __all__ = [
   "Metric",
   "coefficient_distances",
   "expression_error",
+  "expression_landmark_distance",
   "feature_statistics",
   "face_embeddings",
   "fid_from_features",

@@ -13,7 +13,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from facediff.losses import emoa2e as emoa2e_loss
 from facediff.losses import face_encoders
+from facediff.render import mesh
+from facediff.render.bfm import MorphableModel
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _EPS = 1e-12
@@ -131,3 +134,42 @@ def landmark_distance(
     pred, target = pred[:, idx], target[:, idx]
   dist = jnp.sqrt(jnp.sum(jnp.square(pred - target), axis=-1))
   return jnp.mean(dist, axis=-1) / scale
+
+
+def expression_landmark_distance(
+  model: MorphableModel,
+  identity: jax.Array,
+  expression_pred: jax.Array,
+  expression_true: jax.Array,
+  angle: jax.Array,
+  translation: jax.Array,
+  camera: mesh.Camera | None = None,
+  indices: tuple[int, ...] | None = None,
+) -> jax.Array:
+  """LMD of expression coefficients (TGDM Tab. 3's LMD for an audio-to-expression model
+  evaluated in 3DMM space, the landmarks of Eq. 13): the 68 landmarks of the morphable
+  model with the same identity and pose and the predicted vs the true expression,
+  projected by ``camera`` (default D3DFR's 224-px one), then :func:`landmark_distance`
+  (pixels). Any leading axes: identity (..., 80) broadcasts against the expressions
+  (..., 64), angle and translation (..., 3); returns the distance per leading index."""
+  camera = camera or mesh.camera_for_size(mesh.D3DFR_IMAGE_SIZE)
+  for x in (expression_pred, expression_true):
+    if x.shape[-1] != model.exp_base.shape[-1]:
+      raise ValueError(
+        f"expression_landmark_distance: {x.shape[-1]}-D expressions for a model with "
+        f"{model.exp_base.shape[-1]} expression bases"
+      )
+  lead = jnp.broadcast_shapes(
+    expression_pred.shape[:-1], expression_true.shape[:-1], identity.shape[:-1]
+  )
+  identity = jnp.broadcast_to(identity, lead + identity.shape[-1:])
+  angle = jnp.broadcast_to(angle, lead + (3,))
+  translation = jnp.broadcast_to(translation, lead + (3,))
+
+  def lms(expression):
+    expression = jnp.broadcast_to(expression, lead + expression.shape[-1:])
+    lm = emoa2e_loss.landmarks(model, identity, expression, angle, translation, camera)
+    return lm.reshape((-1,) + lm.shape[-2:])
+
+  d = landmark_distance(lms(expression_pred), lms(expression_true), indices)
+  return d.reshape(lead)
